@@ -1,1 +1,134 @@
-fn main() {}
+//! The `apprentice` command line: each command is a thin call into a library crate.
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use apprentice_core::config::WriteMode;
+use apprentice_core::Config;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "apprentice", version, about = "Record an expensive model's work, curate it, and train a small model that does the job")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway: native and OpenAI-compatible APIs, every call recorded.
+    Serve {
+        #[arg(long, default_value = "apprentice.toml")]
+        config: PathBuf,
+        /// Overrides `[gateway] bind` from the config.
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+    },
+    /// Check a configuration file and exit.
+    Check {
+        #[arg(long, default_value = "apprentice.toml")]
+        config: PathBuf,
+    },
+    /// Run the main job end to end on embedded defaults.
+    Demo(demo::DemoArgs),
+    /// Benchmarks; each prints a table and can write JSON.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Latency the gateway adds (p50/p99) against a loopback upstream, direct vs through the gateway.
+    Gateway {
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10.0)]
+        duration_s: f64,
+        #[arg(long, default_value_t = 2.0)]
+        warmup_s: f64,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, value_enum, default_value_t = Mode::Durable)]
+        write_mode: Mode,
+        /// Write the report as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Durable,
+    Async,
+}
+
+impl From<Mode> for WriteMode {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Durable => WriteMode::Durable,
+            Mode::Async => WriteMode::Async,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("APPRENTICE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config, bind } => {
+            let config = Config::load(&config)?;
+            let gateway = apprentice_gateway::Gateway::open(config).await?;
+            apprentice_gateway::serve(gateway, bind, |addr| {
+                tracing::info!("apprentice gateway listening on http://{addr}");
+                // Scripts (and tests) wait for this line on stdout.
+                println!("listening on {addr}");
+            })
+            .await?;
+            Ok(())
+        }
+        Command::Check { config } => {
+            let loaded = Config::load(&config)?;
+            println!(
+                "{}: ok ({} functions, {} models, {} metrics, {} tools)",
+                config.display(),
+                loaded.functions.len(),
+                loaded.models.len(),
+                loaded.metrics.len(),
+                loaded.tools.len()
+            );
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args).await,
+        Command::Bench { bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, json } } => {
+            let store_dir = tempfile::tempdir().context("cannot create a scratch folder for the bench store")?;
+            let options = apprentice_gateway::bench::BenchOptions {
+                rate,
+                duration: Duration::from_secs_f64(duration_s),
+                warmup: Duration::from_secs_f64(warmup_s),
+                connections,
+                write_mode: write_mode.into(),
+                store_dir: store_dir.path().to_path_buf(),
+            };
+            let report = apprentice_gateway::bench::run_gateway_bench(&options).await?;
+            println!("{}", report.table());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(())
+        }
+    }
+}
