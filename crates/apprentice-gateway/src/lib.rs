@@ -3,6 +3,7 @@
 //! every call and every piece of feedback in the store.
 
 pub mod api;
+pub mod bench;
 pub mod error;
 pub mod inference;
 pub mod metrics;

@@ -168,7 +168,7 @@ async fn an_inference_registers_its_episode_once() {
 async fn queries_filter_and_order_by_id() {
     let (_dir, store) = temp_store(WriteMode::Async).await;
     let (e1, e2) = (new_id(), new_id());
-    let records = vec![
+    let records = [
         inference("act", "teacher", e1),
         inference("act", "student", e1),
         inference("judge", "teacher", e2),

@@ -56,6 +56,9 @@ enum Bench {
         connections: usize,
         #[arg(long, value_enum, default_value_t = Mode::Durable)]
         write_mode: Mode,
+        /// Also measure the OpenAI-compatible endpoint.
+        #[arg(long)]
+        openai_api: bool,
         /// Write the report as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -113,7 +116,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args).await,
-        Command::Bench { bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, json } } => {
+        Command::Bench { bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json } } => {
             let store_dir = tempfile::tempdir().context("cannot create a scratch folder for the bench store")?;
             let options = apprentice_gateway::bench::BenchOptions {
                 rate,
@@ -122,6 +125,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 connections,
                 write_mode: write_mode.into(),
                 store_dir: store_dir.path().to_path_buf(),
+                openai_api,
             };
             let report = apprentice_gateway::bench::run_gateway_bench(&options).await?;
             println!("{}", report.table());

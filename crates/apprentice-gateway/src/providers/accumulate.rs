@@ -72,6 +72,10 @@ impl StreamAccumulator {
                 arguments: call.arguments,
             }));
         }
-        ProviderResponse { content, usage: self.usage.unwrap_or_default(), finish_reason: self.finish_reason }
+        ProviderResponse {
+            content,
+            usage: self.usage.unwrap_or_default(),
+            finish_reason: self.finish_reason,
+        }
     }
 }
