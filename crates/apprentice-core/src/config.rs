@@ -475,7 +475,12 @@ fn parse_raw(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
         let inner = e.into_inner();
         let line = inner.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
         // toml's Display repeats the source snippet; the plain message reads better after the key.
-        ConfigError { file: file.to_path_buf(), line, key: if key == "." { String::new() } else { key }, message: inner.message().to_string() }
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            key: if key == "." { String::new() } else { key },
+            message: inner.message().to_string(),
+        }
     })
 }
 
@@ -507,7 +512,10 @@ impl Resolver<'_> {
         for (name, tool) in raw.tools {
             let key = format!("tools.{name}.parameters");
             let parameters = self.schema(&key, &tool.parameters)?.value;
-            tools.insert(name.clone(), ToolDefinition { name, description: tool.description, parameters, strict: tool.strict });
+            tools.insert(
+                name.clone(),
+                ToolDefinition { name, description: tool.description, parameters, strict: tool.strict },
+            );
         }
 
         for name in raw.metrics.keys() {
@@ -542,10 +550,13 @@ impl Resolver<'_> {
         let mut providers = Vec::new();
         for (i, provider) in raw.routing.iter().enumerate() {
             let config = raw.providers.get(provider).ok_or_else(|| {
-                self.err(format!("models.{name}.routing[{i}]"), format!("names provider `{provider}`, which is not defined under [models.{name}.providers]"))
+                self.err(
+                    format!("models.{name}.routing[{i}]"),
+                    format!("names provider `{provider}`, which is not defined under [models.{name}.providers]"),
+                )
             })?;
             if let ProviderConfig::Openai { timeout_s, .. } | ProviderConfig::Anthropic { timeout_s, .. } = config {
-                if !(*timeout_s > 0.0) {
+                if timeout_s.is_nan() || *timeout_s <= 0.0 {
                     return Err(self.err(format!("models.{name}.providers.{provider}.timeout_s"), "must be positive"));
                 }
             }
@@ -553,7 +564,10 @@ impl Resolver<'_> {
         }
         for provider in raw.providers.keys() {
             if !raw.routing.contains(provider) {
-                return Err(self.err(format!("models.{name}.providers.{provider}"), "is not listed in `routing`, so it would never be used"));
+                return Err(self.err(
+                    format!("models.{name}.providers.{provider}"),
+                    "is not listed in `routing`, so it would never be used",
+                ));
             }
         }
         if let Some(price) = raw.price {
@@ -601,7 +615,10 @@ impl Resolver<'_> {
         }
         for (i, tool) in raw.tools.iter().enumerate() {
             if !tools.contains_key(tool) {
-                return Err(self.err(format!("{}[{i}]", at("tools")), format!("names tool `{tool}`, which is not defined under [tools]")));
+                return Err(self.err(
+                    format!("{}[{i}]", at("tools")),
+                    format!("names tool `{tool}`, which is not defined under [tools]"),
+                ));
             }
         }
         if raw.variants.is_empty() {
@@ -612,12 +629,16 @@ impl Resolver<'_> {
         for (variant_name, variant) in raw.variants {
             let vat = |field: &str| format!("functions.{name}.variants.{variant_name}.{field}");
             if variant.kind != "chat_completion" {
-                return Err(self.err(vat("type"), format!("unknown variant type `{}`; expected `chat_completion`", variant.kind)));
+                return Err(self
+                    .err(vat("type"), format!("unknown variant type `{}`; expected `chat_completion`", variant.kind)));
             }
             if !models.contains_key(&variant.model) {
-                return Err(self.err(vat("model"), format!("names model `{}`, which is not defined under [models]", variant.model)));
+                return Err(self.err(
+                    vat("model"),
+                    format!("names model `{}`, which is not defined under [models]", variant.model),
+                ));
             }
-            if !(variant.weight >= 0.0) || !variant.weight.is_finite() {
+            if !variant.weight.is_finite() || variant.weight < 0.0 {
                 return Err(self.err(vat("weight"), "must be a finite number >= 0"));
             }
             if let Some(t) = variant.temperature {
@@ -626,7 +647,11 @@ impl Resolver<'_> {
                 }
             }
             let mut sources: Vec<(String, String, TemplateSource)> = Vec::new();
-            for (role, source) in [("system", &variant.system_template), ("user", &variant.user_template), ("assistant", &variant.assistant_template)] {
+            for (role, source) in [
+                ("system", &variant.system_template),
+                ("user", &variant.user_template),
+                ("assistant", &variant.assistant_template),
+            ] {
                 if let Some(source) = source {
                     sources.push((role.to_string(), vat(&format!("{role}_template")), source.clone()));
                 }
@@ -644,9 +669,16 @@ impl Resolver<'_> {
                 template_names.push(template);
             }
             // Structured arguments can only reach a model through a template.
-            for (role, has_schema) in [("system", system_schema.is_some()), ("user", user_schema.is_some()), ("assistant", assistant_schema.is_some())] {
+            for (role, has_schema) in [
+                ("system", system_schema.is_some()),
+                ("user", user_schema.is_some()),
+                ("assistant", assistant_schema.is_some()),
+            ] {
                 if has_schema && !template_names.iter().any(|t| t == role) {
-                    return Err(self.err(vat(&format!("{role}_template")), format!("is required because the function declares `{role}_schema`")));
+                    return Err(self.err(
+                        vat(&format!("{role}_template")),
+                        format!("is required because the function declares `{role}_schema`"),
+                    ));
                 }
             }
             variants.insert(
@@ -665,7 +697,9 @@ impl Resolver<'_> {
             );
         }
         if variants.values().all(|v| v.weight == 0.0) {
-            return Err(self.err(at("variants"), "at least one variant needs a weight above 0, or none could be sampled"));
+            return Err(
+                self.err(at("variants"), "at least one variant needs a weight above 0, or none could be sampled")
+            );
         }
 
         Ok(FunctionConfig {

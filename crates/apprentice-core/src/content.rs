@@ -47,13 +47,20 @@ pub struct ToolResult {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ContentBlock {
     /// Literal text, sent as is.
-    Text { text: String },
+    Text {
+        text: String,
+    },
     /// Arguments for one of the variant's templates (`user`, `assistant`, `system` or a named one).
-    Template { name: String, arguments: Value },
+    Template {
+        name: String,
+        arguments: Value,
+    },
     ToolCall(ToolCall),
     ToolResult(ToolResult),
     /// Text that bypasses templates even where the function has a schema.
-    RawText { value: String },
+    RawText {
+        value: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,10 +105,9 @@ fn content_shorthand<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ContentBlock
         // Parsed as a typed list (not untagged) so a bad block gets a precise message.
         Value::Array(_) => serde_json::from_value::<Vec<ContentBlock>>(raw)
             .map_err(|e| serde::de::Error::custom(format!("invalid content block: {e}"))),
-        Value::Object(arguments) => Ok(vec![ContentBlock::Template {
-            name: String::new(),
-            arguments: Value::Object(arguments),
-        }]),
+        Value::Object(arguments) => {
+            Ok(vec![ContentBlock::Template { name: String::new(), arguments: Value::Object(arguments) }])
+        }
         _ => Err(serde::de::Error::custom(
             "content must be a string, an object of template arguments or a list of content blocks",
         )),

@@ -98,10 +98,7 @@ pub enum BenchError {
     #[error("invalid bench options: {0}")]
     Options(String),
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     #[error("the bench gateway configuration is invalid: {0}")]
     Config(#[from] ConfigError),
     #[error("cannot open the bench store at {path}: {source}")]
@@ -159,9 +156,7 @@ impl Default for BenchOptions {
 impl BenchOptions {
     fn validate(&self) -> Result<(), BenchError> {
         if self.rate == 0 {
-            return Err(BenchError::Options(
-                "rate must be at least 1 request per second".into(),
-            ));
+            return Err(BenchError::Options("rate must be at least 1 request per second".into()));
         }
         if self.duration.is_zero() {
             return Err(BenchError::Options("duration must be positive".into()));
@@ -271,13 +266,7 @@ impl BenchReport {
             o.connections,
             mode_name(o.write_mode)
         );
-        let width = self
-            .rows
-            .iter()
-            .map(|r| r.target.len())
-            .max()
-            .unwrap_or(6)
-            .max(6);
+        let width = self.rows.iter().map(|r| r.target.len()).max().unwrap_or(6).max(6);
         let _ = writeln!(
             out,
             "{:<width$}  {:>8}  {:>6}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}",
@@ -287,14 +276,7 @@ impl BenchReport {
             let _ = writeln!(
                 out,
                 "{:<width$}  {:>8}  {:>6}  {:>8.1}  {:>8.3}  {:>8.3}  {:>8.3}  {:>8.3}",
-                r.target,
-                r.requests,
-                r.errors,
-                r.achieved_rps,
-                r.p50_ms,
-                r.p90_ms,
-                r.p99_ms,
-                r.max_ms
+                r.target, r.requests, r.errors, r.achieved_rps, r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms
             );
         }
         let _ = writeln!(
@@ -346,36 +328,21 @@ async fn bench_with_upstream(
         })
         .to_string(),
     );
-    let direct = run_phase(Phase::new(
-        options,
-        upstream_addr,
-        "/v1/chat/completions",
-        direct_body,
-    ))
-    .await?;
+    let direct = run_phase(Phase::new(options, upstream_addr, "/v1/chat/completions", direct_body)).await?;
 
-    std::fs::create_dir_all(&options.store_dir).map_err(io_error(format!(
-        "cannot create {}",
-        options.store_dir.display()
-    )))?;
+    std::fs::create_dir_all(&options.store_dir)
+        .map_err(io_error(format!("cannot create {}", options.store_dir.display())))?;
     let store_path = options.store_dir.join(format!("gateway-bench-{mode}.db"));
     remove_database(&store_path)?;
     let store = Arc::new(
         SqliteStore::open(&store_path, options.write_mode)
             .await
-            .map_err(|source| BenchError::Store {
-                path: store_path.display().to_string(),
-                source,
-            })?,
+            .map_err(|source| BenchError::Store { path: store_path.display().to_string(), source })?,
     );
-    let before = store
-        .count_inferences()
-        .await
-        .map_err(BenchError::StoreRead)?;
+    let before = store.count_inferences().await.map_err(BenchError::StoreRead)?;
 
-    let text = CONFIG_TEMPLATE
-        .replace("{API_BASE}", &format!("http://{upstream_addr}/v1"))
-        .replace("{WRITE_MODE}", mode);
+    let text =
+        CONFIG_TEMPLATE.replace("{API_BASE}", &format!("http://{upstream_addr}/v1")).replace("{WRITE_MODE}", mode);
     let config = Config::parse(&text, Path::new("<gateway bench>"), &options.store_dir)?;
     let gateway = Gateway::with_store(config, store.clone())?;
     let (gateway_addr, server) = serve_on_loopback(gateway.router()).await?;
@@ -388,8 +355,7 @@ async fn bench_with_upstream(
             })
             .to_string(),
         );
-        let native =
-            run_phase(Phase::new(options, gateway_addr, "/inference", native_body)).await?;
+        let native = run_phase(Phase::new(options, gateway_addr, "/inference", native_body)).await?;
         let openai = if options.openai_api {
             let body = Bytes::from(
                 serde_json::json!({
@@ -398,27 +364,12 @@ async fn bench_with_upstream(
                 })
                 .to_string(),
             );
-            Some(
-                run_phase(Phase::new(
-                    options,
-                    gateway_addr,
-                    "/v1/chat/completions",
-                    body,
-                ))
-                .await?,
-            )
+            Some(run_phase(Phase::new(options, gateway_addr, "/v1/chat/completions", body)).await?)
         } else {
             None
         };
-        gateway
-            .recorder
-            .flush()
-            .await
-            .map_err(BenchError::StoreRead)?;
-        let after = store
-            .count_inferences()
-            .await
-            .map_err(BenchError::StoreRead)?;
+        gateway.recorder.flush().await.map_err(BenchError::StoreRead)?;
+        let after = store.count_inferences().await.map_err(BenchError::StoreRead)?;
         Ok::<_, BenchError>((native, openai, after.saturating_sub(before)))
     }
     .await;
@@ -429,10 +380,7 @@ async fn bench_with_upstream(
     let (native, openai, recorded) = phases?;
     shutdown.map_err(BenchError::StoreRead)?;
 
-    let mut rows = vec![
-        direct.row("direct".into()),
-        native.row(format!("gateway ({mode})")),
-    ];
+    let mut rows = vec![direct.row("direct".into()), native.row(format!("gateway ({mode})"))];
     let mut gateway_requests = native.total_ok;
     if let Some(openai) = &openai {
         rows.push(openai.row(format!("gateway openai ({mode})")));
@@ -442,9 +390,7 @@ async fn bench_with_upstream(
     let added_p99_ms = rows[1].p99_ms - rows[0].p99_ms;
     let pass = options.rate >= TARGET_RATE
         && added_p99_ms < TARGET_ADDED_P99_MS
-        && rows
-            .iter()
-            .all(|r| r.errors == 0 && r.achieved_rps >= 0.95 * f64::from(options.rate))
+        && rows.iter().all(|r| r.errors == 0 && r.achieved_rps >= 0.95 * f64::from(options.rate))
         && recorded == gateway_requests;
     Ok(BenchReport {
         options: options.clone(),
@@ -467,12 +413,7 @@ fn remove_database(path: &Path) -> Result<(), BenchError> {
         match std::fs::remove_file(&file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(io_error(format!(
-                    "cannot remove {}",
-                    Path::new(&file).display()
-                ))(e))
-            }
+            Err(e) => return Err(io_error(format!("cannot remove {}", Path::new(&file).display()))(e)),
         }
     }
     Ok(())
@@ -485,22 +426,15 @@ fn mock_upstream() -> Router {
         "/v1/chat/completions",
         post(|body: Bytes| async move {
             drop(body);
-            (
-                [(CONTENT_TYPE, "application/json")],
-                Bytes::from_static(UPSTREAM_RESPONSE),
-            )
+            ([(CONTENT_TYPE, "application/json")], Bytes::from_static(UPSTREAM_RESPONSE))
         }),
     )
 }
 
 async fn serve_on_loopback(router: Router) -> Result<(SocketAddr, JoinHandle<()>), BenchError> {
     let bind = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let listener = TcpListener::bind(bind)
-        .await
-        .map_err(io_error("cannot listen on 127.0.0.1"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(io_error("cannot read the listening address"))?;
+    let listener = TcpListener::bind(bind).await.map_err(io_error("cannot listen on 127.0.0.1"))?;
+    let addr = listener.local_addr().map_err(io_error("cannot read the listening address"))?;
     let handle = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             tracing::error!("bench server on {addr} failed: {e}");
@@ -573,19 +507,11 @@ impl PhaseResult {
             target,
             requests: self.measured_ok + self.measured_errors,
             errors: self.measured_errors,
-            achieved_rps: if span > 0.0 {
-                self.measured_ok as f64 / span
-            } else {
-                0.0
-            },
+            achieved_rps: if span > 0.0 { self.measured_ok as f64 / span } else { 0.0 },
             p50_ms: ms(0.50),
             p90_ms: ms(0.90),
             p99_ms: ms(0.99),
-            max_ms: if h.is_empty() {
-                0.0
-            } else {
-                h.max() as f64 / 1e3
-            },
+            max_ms: if h.is_empty() { 0.0 } else { h.max() as f64 / 1e3 },
         }
     }
 }
@@ -604,9 +530,7 @@ async fn run_phase(phase: Phase) -> Result<PhaseResult, BenchError> {
             let _ = tx.send(result);
         })
         .map_err(io_error("cannot start the client thread"))?;
-    rx.await.map_err(|_| {
-        BenchError::LoadGenerator("the client thread stopped without a result".into())
-    })?
+    rx.await.map_err(|_| BenchError::LoadGenerator("the client thread stopped without a result".into()))?
 }
 
 /// What each connection worker sends back.
@@ -619,19 +543,15 @@ struct WorkerResult {
 }
 
 fn new_histogram() -> Result<Histogram<u64>, BenchError> {
-    Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
-        .map_err(|e| BenchError::Histogram(e.to_string()))
+    Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3).map_err(|e| BenchError::Histogram(e.to_string()))
 }
 
 async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, BenchError> {
     let error = |message: String| BenchError::Connect { addr, message };
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| error(e.to_string()))?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| error(e.to_string()))?;
     stream.set_nodelay(true).map_err(|e| error(e.to_string()))?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| error(e.to_string()))?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| error(e.to_string()))?;
     tokio::spawn(async move {
         // Ends when the sender is dropped or the server closes; errors surface on requests.
         let _ = connection.await;
@@ -654,12 +574,7 @@ async fn drive(phase: Phase) -> Result<PhaseResult, BenchError> {
     let mut workers = Vec::with_capacity(senders.len());
     for sender in senders {
         let histogram = new_histogram()?;
-        workers.push(tokio::spawn(worker(
-            phase.clone(),
-            sender,
-            due_rx.clone(),
-            histogram,
-        )));
+        workers.push(tokio::spawn(worker(phase.clone(), sender, due_rx.clone(), histogram)));
     }
     // Only the workers hold the receiver: if they all die, the schedule stops.
     drop(due_rx);
@@ -691,40 +606,24 @@ async fn drive(phase: Phase) -> Result<PhaseResult, BenchError> {
     for worker in workers {
         match worker.await {
             Ok(result) => {
-                histogram
-                    .add(&result.histogram)
-                    .map_err(|e| BenchError::Histogram(e.to_string()))?;
+                histogram.add(&result.histogram).map_err(|e| BenchError::Histogram(e.to_string()))?;
                 measured_ok += result.measured_ok;
                 measured_errors += result.measured_errors;
                 total_ok += result.total_ok;
                 last_done = last_done.max(result.last_measured_done);
             }
-            Err(e) => {
-                failure = Some(BenchError::LoadGenerator(format!(
-                    "a connection worker failed: {e}"
-                )))
-            }
+            Err(e) => failure = Some(BenchError::LoadGenerator(format!("a connection worker failed: {e}"))),
         }
     }
     // The workers only stop once the schedule has closed its channel, so this does not block.
     if scheduler.join().is_err() {
-        failure = Some(BenchError::LoadGenerator(
-            "the schedule thread panicked".into(),
-        ));
+        failure = Some(BenchError::LoadGenerator("the schedule thread panicked".into()));
     }
     if let Some(e) = failure {
         return Err(e);
     }
-    let measured_span = last_done
-        .map(|t| t.saturating_duration_since(measure_start))
-        .unwrap_or_default();
-    Ok(PhaseResult {
-        histogram,
-        measured_ok,
-        measured_errors,
-        total_ok,
-        measured_span,
-    })
+    let measured_span = last_done.map(|t| t.saturating_duration_since(measure_start)).unwrap_or_default();
+    Ok(PhaseResult { histogram, measured_ok, measured_errors, total_ok, measured_span })
 }
 
 /// Takes the next due request, sends it on this worker's connection, records its latency.
@@ -742,9 +641,7 @@ async fn worker(
         // Idle workers queue on the (fair) mutex; the one holding it waits for the next request.
         let next = due.lock().await.recv().await;
         let Some((i, due_at)) = next else { break };
-        let ok = match tokio::time::timeout(REQUEST_TIMEOUT, send_one(&phase, &host, &mut sender))
-            .await
-        {
+        let ok = match tokio::time::timeout(REQUEST_TIMEOUT, send_one(&phase, &host, &mut sender)).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
                 tracing::debug!("bench request to {}{} failed: {e}", phase.addr, phase.path);
@@ -770,22 +667,12 @@ async fn worker(
             measured_errors += 1;
         }
     }
-    WorkerResult {
-        histogram,
-        measured_ok,
-        measured_errors,
-        total_ok,
-        last_measured_done,
-    }
+    WorkerResult { histogram, measured_ok, measured_errors, total_ok, last_measured_done }
 }
 
 /// One request and its whole response; a broken connection is dropped and replaced on the next
 /// request.
-async fn send_one(
-    phase: &Phase,
-    host: &str,
-    sender: &mut Option<SendRequest<Full<Bytes>>>,
-) -> Result<(), String> {
+async fn send_one(phase: &Phase, host: &str, sender: &mut Option<SendRequest<Full<Bytes>>>) -> Result<(), String> {
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
         *sender = None;
         *sender = Some(connect(phase.addr).await.map_err(|e| e.to_string())?);
@@ -800,24 +687,13 @@ async fn send_one(
         .map_err(|e| e.to_string())?;
     let result = async {
         conn.ready().await.map_err(|e| e.to_string())?;
-        let response = conn
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let response = conn.send_request(request).await.map_err(|e| e.to_string())?;
         let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         if status.is_success() {
             Ok(())
         } else {
-            Err(format!(
-                "status {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            ))
+            Err(format!("status {status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)])))
         }
     }
     .await;
@@ -848,31 +724,16 @@ mod tests {
 
         assert_eq!(report.rows.len(), 3);
         for row in &report.rows {
-            assert_eq!(
-                row.requests, 200,
-                "{}: every scheduled request is counted",
-                row.target
-            );
+            assert_eq!(row.requests, 200, "{}: every scheduled request is counted", row.target);
             assert_eq!(row.errors, 0, "{}: no request fails", row.target);
-            assert!(
-                row.achieved_rps > 150.0 && row.achieved_rps < 250.0,
-                "{}: {} req/s",
-                row.target,
-                row.achieved_rps
-            );
-            assert!(
-                row.p50_ms > 0.0 && row.p50_ms <= row.p99_ms && row.p99_ms <= row.max_ms,
-                "{row:?}"
-            );
+            assert!(row.achieved_rps > 150.0 && row.achieved_rps < 250.0, "{}: {} req/s", row.target, row.achieved_rps);
+            assert!(row.p50_ms > 0.0 && row.p50_ms <= row.p99_ms && row.p99_ms <= row.max_ms, "{row:?}");
         }
         // Warm-up included: 240 per gateway row.
         assert_eq!(report.gateway_requests, 480);
         assert_eq!(report.recorded, report.gateway_requests);
         assert!(report.table().contains("gateway (durable)"));
-        assert!(
-            !report.pass,
-            "200 req/s cannot pass a target set at 2000 req/s"
-        );
+        assert!(!report.pass, "200 req/s cannot pass a target set at 2000 req/s");
 
         let json = serde_json::to_value(&report).expect("report serializes");
         assert_eq!(json["options"]["write_mode"], "durable");

@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apprentice_core::config::{FunctionConfig, FunctionKind, JsonMode, Schema, ToolChoice, VariantConfig, DEFAULT_FUNCTION};
+use apprentice_core::config::{
+    FunctionConfig, FunctionKind, JsonMode, Schema, ToolChoice, VariantConfig, DEFAULT_FUNCTION,
+};
 use apprentice_core::record::{RenderedBlock, RenderedMessage, RenderedRequest};
 use apprentice_core::{
-    new_id, ContentBlock, Input, InferenceOutput, InferenceRecord, JsonOutput, SystemInput, ToolDefinition, Usage,
+    new_id, ContentBlock, InferenceOutput, InferenceRecord, Input, JsonOutput, SystemInput, ToolDefinition, Usage,
 };
 use apprentice_store::Record;
 use serde_json::{json, Value};
@@ -88,18 +90,31 @@ impl Gateway {
         let (function_name, function, variant_name, variant) = match &request.target {
             Target::Function(name) => {
                 let function = self.config.function(name).ok_or_else(|| {
-                    ApiError::not_found("unknown_function", "function_name", format!("no function named `{name}` in the configuration"))
+                    ApiError::not_found(
+                        "unknown_function",
+                        "function_name",
+                        format!("no function named `{name}` in the configuration"),
+                    )
                 })?;
-                let (variant_name, variant) = choose_variant(name, function, request.variant_name.as_deref(), episode_id)?;
+                let (variant_name, variant) =
+                    choose_variant(name, function, request.variant_name.as_deref(), episode_id)?;
                 (name.clone(), Some(function), variant_name, variant.clone())
             }
             Target::Model(name) => {
                 if !self.routers.contains_key(name) {
-                    return Err(ApiError::not_found("unknown_model", "model_name", format!("no model named `{name}` in the configuration")));
+                    return Err(ApiError::not_found(
+                        "unknown_model",
+                        "model_name",
+                        format!("no model named `{name}` in the configuration"),
+                    ));
                 }
                 if let Some(v) = &request.variant_name {
                     if v != name {
-                        return Err(ApiError::bad_request("unknown_variant", "variant_name", "a direct model call has exactly one variant: the model itself"));
+                        return Err(ApiError::bad_request(
+                            "unknown_variant",
+                            "variant_name",
+                            "a direct model call has exactly one variant: the model itself",
+                        ));
                     }
                 }
                 (DEFAULT_FUNCTION.to_string(), None, name.clone(), model_variant(name))
@@ -113,7 +128,11 @@ impl Gateway {
         let mut tools = function.map(|f| self.config.tools_of(f)).unwrap_or_default();
         for tool in request.extra_tools {
             if tools.iter().any(|t| t.name == tool.name) {
-                return Err(ApiError::bad_request("invalid_request", "tools", format!("tool `{}` is already defined by the function", tool.name)));
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "tools",
+                    format!("tool `{}` is already defined by the function", tool.name),
+                ));
             }
             tools.push(tool);
         }
@@ -150,7 +169,13 @@ impl Gateway {
 
     /// Applies the variant's templates to the structured input, validating arguments against the
     /// function's schemas first. Errors name the input field that is wrong.
-    fn render(&self, function_name: &str, function: Option<&FunctionConfig>, variant: &str, input: &Input) -> Result<RenderedRequest, ApiError> {
+    fn render(
+        &self,
+        function_name: &str,
+        function: Option<&FunctionConfig>,
+        variant: &str,
+        input: &Input,
+    ) -> Result<RenderedRequest, ApiError> {
         let templates = &self.config.templates;
         let system = match &input.system {
             None => None,
@@ -163,12 +188,22 @@ impl Gateway {
             Some(SystemInput::Arguments(arguments)) => {
                 let arguments = Value::Object(arguments.clone());
                 if let Some(schema) = function.and_then(|f| f.system_schema.as_ref()) {
-                    schema.validate(&arguments).map_err(|e| ApiError::bad_request("invalid_arguments", "input.system", e))?;
+                    schema
+                        .validate(&arguments)
+                        .map_err(|e| ApiError::bad_request("invalid_arguments", "input.system", e))?;
                 }
                 if !templates.has(function_name, variant, "system") {
-                    return Err(ApiError::bad_request("invalid_input", "input.system", format!("variant `{variant}` has no system template to render these arguments with")));
+                    return Err(ApiError::bad_request(
+                        "invalid_input",
+                        "input.system",
+                        format!("variant `{variant}` has no system template to render these arguments with"),
+                    ));
                 }
-                Some(templates.render(function_name, variant, "system", &arguments).map_err(|e| ApiError::bad_request("template_error", "input.system", e))?)
+                Some(
+                    templates
+                        .render(function_name, variant, "system", &arguments)
+                        .map_err(|e| ApiError::bad_request("template_error", "input.system", e))?,
+                )
             }
         };
 
@@ -180,7 +215,14 @@ impl Gateway {
                 let rendered = match block {
                     ContentBlock::Text { text } => {
                         if function.is_some_and(|f| f.schema_for(message.role.as_str()).is_some()) {
-                            return Err(ApiError::bad_request("invalid_input", field(), format!("function `{function_name}` has a {}_schema: give template arguments, not text", message.role.as_str())));
+                            return Err(ApiError::bad_request(
+                                "invalid_input",
+                                field(),
+                                format!(
+                                    "function `{function_name}` has a {}_schema: give template arguments, not text",
+                                    message.role.as_str()
+                                ),
+                            ));
                         }
                         RenderedBlock::Text { text: text.clone() }
                     }
@@ -188,12 +230,20 @@ impl Gateway {
                     ContentBlock::Template { name, arguments } => {
                         let name = message.template_name(name);
                         if let Some(schema) = function.and_then(|f| f.schema_for(name)) {
-                            schema.validate(arguments).map_err(|e| ApiError::bad_request("invalid_arguments", field(), e))?;
+                            schema
+                                .validate(arguments)
+                                .map_err(|e| ApiError::bad_request("invalid_arguments", field(), e))?;
                         }
                         if function.is_none() || !templates.has(function_name, variant, name) {
-                            return Err(ApiError::bad_request("invalid_input", field(), format!("variant `{variant}` has no `{name}` template")));
+                            return Err(ApiError::bad_request(
+                                "invalid_input",
+                                field(),
+                                format!("variant `{variant}` has no `{name}` template"),
+                            ));
                         }
-                        let text = templates.render(function_name, variant, name, arguments).map_err(|e| ApiError::bad_request("template_error", field(), e))?;
+                        let text = templates
+                            .render(function_name, variant, name, arguments)
+                            .map_err(|e| ApiError::bad_request("template_error", field(), e))?;
                         RenderedBlock::Text { text }
                     }
                     ContentBlock::ToolCall(call) => RenderedBlock::ToolCall(call.clone()),
@@ -237,7 +287,11 @@ impl Gateway {
         }
     }
 
-    fn note_failures<T>(&self, prepared: &Prepared, result: Result<Routed<T>, AllProvidersFailed>) -> Result<Routed<T>, AllProvidersFailed> {
+    fn note_failures<T>(
+        &self,
+        prepared: &Prepared,
+        result: Result<Routed<T>, AllProvidersFailed>,
+    ) -> Result<Routed<T>, AllProvidersFailed> {
         let failures = match &result {
             Ok(routed) => &routed.failures,
             Err(all) => &all.failures,
@@ -251,11 +305,19 @@ impl Gateway {
 
     /// Turns the model's answer into a record and writes it (unless dry run). Returns once the
     /// record is as durable as the store's write mode promises.
-    pub async fn finish(&self, prepared: Prepared, provider_name: String, response: ProviderResponse, ttft: Option<Duration>) -> Result<Completed, ApiError> {
+    pub async fn finish(
+        &self,
+        prepared: Prepared,
+        provider_name: String,
+        response: ProviderResponse,
+        ttft: Option<Duration>,
+    ) -> Result<Completed, ApiError> {
         let latency = prepared.started.elapsed();
         let output = match prepared.kind {
             FunctionKind::Chat => InferenceOutput::Chat { content: response.content },
-            FunctionKind::Json => InferenceOutput::Json(json_output(&response.content, prepared.output_schema.as_ref())),
+            FunctionKind::Json => {
+                InferenceOutput::Json(json_output(&response.content, prepared.output_schema.as_ref()))
+            }
         };
         let cost = prepared.router.price().map(|p| p.cost(response.usage.input_tokens, response.usage.output_tokens));
         let record = InferenceRecord {
@@ -288,10 +350,19 @@ impl Gateway {
 /// A pinned variant is used as is (even with weight 0, so it can be tested before it takes
 /// traffic); otherwise variants are sampled by weight with a draw derived from the episode id, so
 /// every inference of an episode gets the same variant without any shared state.
-fn choose_variant<'a>(function_name: &str, function: &'a FunctionConfig, pinned: Option<&str>, episode_id: Uuid) -> Result<(String, &'a VariantConfig), ApiError> {
+fn choose_variant<'a>(
+    function_name: &str,
+    function: &'a FunctionConfig,
+    pinned: Option<&str>,
+    episode_id: Uuid,
+) -> Result<(String, &'a VariantConfig), ApiError> {
     if let Some(name) = pinned {
         return function.variants.get(name).map(|v| (name.to_string(), v)).ok_or_else(|| {
-            ApiError::not_found("unknown_variant", "variant_name", format!("function `{function_name}` has no variant `{name}`"))
+            ApiError::not_found(
+                "unknown_variant",
+                "variant_name",
+                format!("function `{function_name}` has no variant `{name}`"),
+            )
         });
     }
     let total: f64 = function.variants.values().map(|v| v.weight).sum();
@@ -350,7 +421,8 @@ fn json_output(content: &[ContentBlock], schema: Option<&Schema>) -> JsonOutput 
             _ => "",
         })
         .collect();
-    let parsed = serde_json::from_str::<Value>(&raw).ok().filter(|value| schema.is_none_or(|s| s.validate(value).is_ok()));
+    let parsed =
+        serde_json::from_str::<Value>(&raw).ok().filter(|value| schema.is_none_or(|s| s.validate(value).is_ok()));
     JsonOutput { raw, parsed }
 }
 

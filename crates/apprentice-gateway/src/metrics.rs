@@ -79,8 +79,18 @@ impl Metrics {
         for (labels, h) in lock(&self.request_latency).iter() {
             histogram(&mut out, "apprentice_request_duration_seconds", labels, h);
         }
-        counter(&mut out, "apprentice_provider_errors_total", "Failed provider calls (including ones a fallback recovered).", &lock(&self.provider_errors));
-        counter(&mut out, "apprentice_inferences_total", "Inferences served, by function and variant.", &lock(&self.inferences));
+        counter(
+            &mut out,
+            "apprentice_provider_errors_total",
+            "Failed provider calls (including ones a fallback recovered).",
+            &lock(&self.provider_errors),
+        );
+        counter(
+            &mut out,
+            "apprentice_inferences_total",
+            "Inferences served, by function and variant.",
+            &lock(&self.inferences),
+        );
         out.push_str("# HELP apprentice_store_write_duration_seconds Time to commit one batch of records.\n");
         out.push_str("# TYPE apprentice_store_write_duration_seconds histogram\n");
         histogram(&mut out, "apprentice_store_write_duration_seconds", &vec![], &lock(&self.store_writes));
@@ -136,7 +146,10 @@ mod tests {
         m.store_write(Duration::from_micros(800), 5);
         let text = m.render();
         assert!(text.contains("apprentice_requests_total{endpoint=\"/inference\",status=\"200\"} 1"), "{text}");
-        assert!(text.contains("apprentice_request_duration_seconds_bucket{endpoint=\"/inference\",le=\"0.0005\"} 1"), "{text}");
+        assert!(
+            text.contains("apprentice_request_duration_seconds_bucket{endpoint=\"/inference\",le=\"0.0005\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("apprentice_request_duration_seconds_count{endpoint=\"/inference\"} 2"), "{text}");
         assert!(text.contains("apprentice_provider_errors_total{model=\"gpt\",provider=\"openai\"} 1"), "{text}");
         assert!(text.contains("apprentice_store_write_duration_seconds_bucket{le=\"0.001\"} 1"), "{text}");

@@ -63,7 +63,12 @@ impl Gateway {
             let metrics = metrics.clone();
             Arc::new(move |elapsed, records| metrics.store_write(elapsed, records)) as apprentice_store::WriteObserver
         };
-        let recorder = Arc::new(Recorder::spawn(store.clone(), config.store.write_mode, config.store.queue_capacity, Some(observer)));
+        let recorder = Arc::new(Recorder::spawn(
+            store.clone(),
+            config.store.write_mode,
+            config.store.queue_capacity,
+            Some(observer),
+        ));
         Ok(Arc::new(Self { config: Arc::new(config), routers, store, recorder, metrics }))
     }
 
@@ -94,7 +99,8 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
 
 async fn observe(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let endpoint = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let endpoint =
+        request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let response = next.run(request).await;
     gateway.metrics.observe_request(&endpoint, response.status().as_u16(), started.elapsed());
     response
@@ -102,12 +108,19 @@ async fn observe(State(gateway): State<Arc<Gateway>>, request: Request, next: Ne
 
 /// Binds the configured address (or `bind` when given) and serves until SIGINT/SIGTERM, then
 /// drains in-flight requests and flushes the write queue before returning.
-pub async fn serve(gateway: Arc<Gateway>, bind: Option<SocketAddr>, on_ready: impl FnOnce(SocketAddr)) -> Result<(), GatewayError> {
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    bind: Option<SocketAddr>,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), GatewayError> {
     let addr = bind.unwrap_or(gateway.config.gateway.bind);
     let listener = TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { addr, source })?;
     let local = listener.local_addr().map_err(GatewayError::Serve)?;
     on_ready(local);
-    axum::serve(listener, gateway.router()).with_graceful_shutdown(shutdown_signal()).await.map_err(GatewayError::Serve)?;
+    axum::serve(listener, gateway.router())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(GatewayError::Serve)?;
     gateway.recorder.shutdown().await.map_err(GatewayError::Flush)?;
     Ok(())
 }

@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use apprentice_core::{Config, ContentBlock, FeedbackValue, InferenceOutput, MetricLevel, SystemInput};
 use apprentice_core::record::RenderedBlock;
+use apprentice_core::{Config, ContentBlock, FeedbackValue, InferenceOutput, MetricLevel, SystemInput};
 use apprentice_gateway::{Gateway, RunningGateway};
 use apprentice_store::{InferenceQuery, SqliteStore};
 use axum::routing::post;
@@ -163,7 +163,14 @@ impl Harness {
     }
 
     async fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
-        let response = self.client.post(format!("{}{path}", self.server.url())).header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
+        let response = self
+            .client
+            .post(format!("{}{path}", self.server.url()))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap())
     }
@@ -206,7 +213,11 @@ async fn records_structured_input_and_rendered_messages() {
         other => panic!("template arguments not kept: {other:?}"),
     }
     // ...beside what the model was actually sent, rendered with the chosen variant's templates.
-    let (system, user) = if variant == "a" { ("Mission: go to the red ball", "You see a wall ahead.") } else { ("MISSION=go to the red ball", "OBS=a wall ahead") };
+    let (system, user) = if variant == "a" {
+        ("Mission: go to the red ball", "You see a wall ahead.")
+    } else {
+        ("MISSION=go to the red ball", "OBS=a wall ahead")
+    };
     assert_eq!(record.rendered.system.as_deref(), Some(system));
     assert_eq!(record.rendered.messages[0].content, vec![RenderedBlock::Text { text: user.into() }]);
     // The echo model answers with the rendered user text.
@@ -253,14 +264,20 @@ async fn variants_are_sticky_per_episode_and_both_are_used() {
 #[tokio::test]
 async fn falls_back_to_the_next_provider_and_records_which_answered() {
     let h = Harness::start(usize::MAX).await;
-    let (status, answer) = h.post("/inference", json!({"function_name": "ask", "input": {"messages": [{"role": "user", "content": "hi"}]}})).await;
+    let (status, answer) = h
+        .post("/inference", json!({"function_name": "ask", "input": {"messages": [{"role": "user", "content": "hi"}]}}))
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["content"][0]["text"], "backup answer");
     assert_eq!(h.upstream.calls.load(Ordering::SeqCst), 1, "the primary was tried first");
-    let record = h.gateway().store.inference(answer["inference_id"].as_str().unwrap().parse().unwrap()).await.unwrap().unwrap();
+    let record =
+        h.gateway().store.inference(answer["inference_id"].as_str().unwrap().parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(record.provider_name, "backup");
     let metrics = h.client.get(format!("{}/metrics", h.server.url())).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("apprentice_provider_errors_total{model=\"teacher\",provider=\"primary\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("apprentice_provider_errors_total{model=\"teacher\",provider=\"primary\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -270,7 +287,8 @@ async fn openai_compatible_upstream_answers_and_cost_is_recorded() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["content"][0]["text"], "mock saw 2 messages");
     assert_eq!(answer["usage"], json!({"input_tokens": 11, "output_tokens": 4}));
-    let record = h.gateway().store.inference(answer["inference_id"].as_str().unwrap().parse().unwrap()).await.unwrap().unwrap();
+    let record =
+        h.gateway().store.inference(answer["inference_id"].as_str().unwrap().parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(record.provider_name, "primary");
     let expected = (11.0 * 1.0 + 4.0 * 2.0) / 1e6;
     assert!((record.cost.unwrap() - expected).abs() < 1e-15, "cost {:?}", record.cost);
@@ -278,7 +296,10 @@ async fn openai_compatible_upstream_answers_and_cost_is_recorded() {
 
 async fn sse_events(response: reqwest::Response) -> Vec<String> {
     let text = response.text().await.unwrap();
-    text.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).map(|s| s.trim().to_string()).collect()
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|s| s.trim().to_string())
+        .collect()
 }
 
 #[tokio::test]
@@ -293,7 +314,11 @@ async fn native_streaming_records_the_whole_answer() {
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     assert!(chunks.len() >= 3, "expected several chunks, got {chunks:?}");
-    let text: String = chunks.iter().flat_map(|c| c["content"].as_array().cloned().unwrap_or_default()).filter_map(|b| b["text"].as_str().map(str::to_string)).collect();
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| c["content"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["text"].as_str().map(str::to_string))
+        .collect();
     let id: Uuid = chunks[0]["inference_id"].as_str().unwrap().parse().unwrap();
     let last = chunks.last().unwrap();
     assert!(last["usage"]["output_tokens"].as_u64().unwrap() > 0);
@@ -326,7 +351,12 @@ async fn openai_compatible_api_streams_and_records() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    let records = h.gateway().store.inferences(&InferenceQuery { episode_id: Some(episode), ..Default::default() }).await.unwrap();
+    let records = h
+        .gateway()
+        .store
+        .inferences(&InferenceQuery { episode_id: Some(episode), ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(records.len(), 1);
     let record = &records[0];
     assert_eq!(record.function_name, "act");
@@ -348,7 +378,12 @@ async fn openai_compatible_api_streams_and_records() {
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], "ping");
     assert_eq!(answer["usage"]["total_tokens"], 2);
-    let records = h.gateway().store.inferences(&InferenceQuery { episode_id: Some(header_episode), ..Default::default() }).await.unwrap();
+    let records = h
+        .gateway()
+        .store
+        .inferences(&InferenceQuery { episode_id: Some(header_episode), ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].function_name, apprentice_core::config::DEFAULT_FUNCTION);
     assert_eq!(records[0].tags.get("via").map(String::as_str), Some("header"));
@@ -357,18 +392,29 @@ async fn openai_compatible_api_streams_and_records() {
 #[tokio::test]
 async fn tool_calls_round_trip_through_both_apis() {
     let h = Harness::start(0).await;
-    let (status, answer) = h.post("/inference", json!({"function_name": "tools", "input": {"messages": [{"role": "user", "content": "turn please"}]}})).await;
+    let (status, answer) = h
+        .post(
+            "/inference",
+            json!({"function_name": "tools", "input": {"messages": [{"role": "user", "content": "turn please"}]}}),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     let call = &answer["content"][0];
     assert_eq!(call["type"], "tool_call");
     assert_eq!(call["name"], "turn");
     assert_eq!(call["arguments"], r#"{"direction": "left"}"#);
-    let record = h.gateway().store.inference(answer["inference_id"].as_str().unwrap().parse().unwrap()).await.unwrap().unwrap();
+    let record =
+        h.gateway().store.inference(answer["inference_id"].as_str().unwrap().parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(record.rendered.tools.len(), 1, "the function's tools are offered and recorded");
     assert_eq!(record.rendered.tools[0].name, "turn");
 
     // OpenAI shape: the tool call comes back as tool_calls, and a tool result can be sent back.
-    let (status, answer) = h.post("/v1/chat/completions", json!({"model": "function::tools", "messages": [{"role": "user", "content": "turn"}]})).await;
+    let (status, answer) = h
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "function::tools", "messages": [{"role": "user", "content": "turn"}]}),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     let message = &answer["choices"][0]["message"];
     assert_eq!(answer["choices"][0]["finish_reason"], "tool_calls");
@@ -398,7 +444,12 @@ async fn tool_calls_round_trip_through_both_apis() {
 #[tokio::test]
 async fn json_functions_parse_and_validate_output() {
     let h = Harness::start(0).await;
-    let (status, answer) = h.post("/inference", json!({"function_name": "decide", "input": {"messages": [{"role": "user", "content": "what now?"}]}})).await;
+    let (status, answer) = h
+        .post(
+            "/inference",
+            json!({"function_name": "decide", "input": {"messages": [{"role": "user", "content": "what now?"}]}}),
+        )
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["output"]["parsed"], json!({"action": "forward"}));
     assert_eq!(answer["output"]["raw"], r#"{"action": "forward"}"#);
@@ -411,13 +462,26 @@ async fn feedback_at_both_levels_and_demonstrations() {
     let inference_id = answer["inference_id"].clone();
     let episode_id = answer["episode_id"].clone();
 
-    let (status, fb) = h.post("/feedback", json!({"metric_name": "reward", "inference_id": inference_id, "value": 0.75})).await;
+    let (status, fb) =
+        h.post("/feedback", json!({"metric_name": "reward", "inference_id": inference_id, "value": 0.75})).await;
     assert_eq!(status, 200, "{fb}");
-    let (status, _) = h.post("/feedback", json!({"metric_name": "success", "episode_id": episode_id, "value": true, "tags": {"judge": "env"}})).await;
+    let (status, _) = h
+        .post(
+            "/feedback",
+            json!({"metric_name": "success", "episode_id": episode_id, "value": true, "tags": {"judge": "env"}}),
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = h.post("/feedback", json!({"metric_name": "demonstration", "inference_id": inference_id, "value": "pick up the key"})).await;
+    let (status, _) = h
+        .post(
+            "/feedback",
+            json!({"metric_name": "demonstration", "inference_id": inference_id, "value": "pick up the key"}),
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = h.post("/feedback", json!({"metric_name": "comment", "episode_id": episode_id, "value": "took the long way"})).await;
+    let (status, _) = h
+        .post("/feedback", json!({"metric_name": "comment", "episode_id": episode_id, "value": "took the long way"}))
+        .await;
     assert_eq!(status, 200);
 
     let store = &h.gateway().store;
@@ -425,7 +489,12 @@ async fn feedback_at_both_levels_and_demonstrations() {
     assert_eq!(on_inference.len(), 2);
     assert_eq!(on_inference[0].value, FeedbackValue::Float(0.75));
     assert_eq!(on_inference[0].target_level, MetricLevel::Inference);
-    assert_eq!(on_inference[1].value, FeedbackValue::Demonstration(InferenceOutput::Chat { content: vec![ContentBlock::Text { text: "pick up the key".into() }] }));
+    assert_eq!(
+        on_inference[1].value,
+        FeedbackValue::Demonstration(InferenceOutput::Chat {
+            content: vec![ContentBlock::Text { text: "pick up the key".into() }]
+        })
+    );
     let on_episode = store.feedback_for(episode_id.as_str().unwrap().parse().unwrap()).await.unwrap();
     assert_eq!(on_episode.len(), 2);
     assert_eq!(on_episode[0].value, FeedbackValue::Boolean(true));
@@ -445,26 +514,138 @@ async fn bad_input_gets_a_4xx_naming_the_field() {
     let unknown = apprentice_core::new_id();
 
     let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
-        ("unknown function", "/inference", json!({"function_name": "nope", "input": {"messages": []}}), 404, "function_name"),
+        (
+            "unknown function",
+            "/inference",
+            json!({"function_name": "nope", "input": {"messages": []}}),
+            404,
+            "function_name",
+        ),
         ("unknown model", "/inference", json!({"model_name": "nope", "input": {"messages": []}}), 404, "model_name"),
         ("neither function nor model", "/inference", json!({"input": {"messages": []}}), 400, "function_name"),
-        ("unknown variant", "/inference", { let mut b = act_body("x"); b["variant_name"] = json!("zzz"); b }, 404, "variant_name"),
-        ("arguments failing the schema", "/inference", json!({"function_name": "act", "input": {"system": {"mission": "m"}, "messages": [{"role": "user", "content": {"observation": 42}}]}}), 400, "input.messages[0].content[0]"),
-        ("missing required argument", "/inference", json!({"function_name": "act", "input": {"system": {"wrong": "m"}, "messages": []}}), 400, "input.system"),
-        ("text where arguments are required", "/inference", json!({"function_name": "act", "input": {"system": {"mission": "m"}, "messages": [{"role": "user", "content": "plain"}]}}), 400, "input.messages[0].content[0]"),
-        ("unknown content block type", "/inference", json!({"function_name": "act", "input": {"messages": [{"role": "user", "content": [{"type": "image"}]}]}}), 400, "input.messages[0].content"),
-        ("unknown field", "/inference", json!({"function_name": "act", "input": {"messages": []}, "temprature": 1}), 400, "temprature"),
-        ("malformed episode id", "/inference", json!({"function_name": "act", "episode_id": "not-a-uuid", "input": {"messages": []}}), 400, "episode_id"),
-        ("unknown metric", "/feedback", json!({"metric_name": "nope", "inference_id": inference_id, "value": true}), 404, "metric_name"),
-        ("unknown inference", "/feedback", json!({"metric_name": "reward", "inference_id": unknown, "value": 1.0}), 404, "inference_id"),
-        ("unknown episode", "/feedback", json!({"metric_name": "success", "episode_id": unknown, "value": true}), 404, "episode_id"),
-        ("episode metric given an inference", "/feedback", json!({"metric_name": "success", "inference_id": inference_id, "value": true}), 400, "episode_id"),
-        ("inference metric given an episode", "/feedback", json!({"metric_name": "reward", "episode_id": episode_id, "value": 1.0}), 400, "inference_id"),
-        ("boolean metric given a number", "/feedback", json!({"metric_name": "success", "episode_id": episode_id, "value": 1}), 400, "value"),
-        ("float metric given a string", "/feedback", json!({"metric_name": "reward", "inference_id": inference_id, "value": "high"}), 400, "value"),
-        ("demonstration of the wrong shape", "/feedback", json!({"metric_name": "demonstration", "inference_id": inference_id, "value": 3}), 400, "value"),
-        ("openai: unknown model", "/v1/chat/completions", json!({"model": "function::nope", "messages": []}), 404, "model"),
-        ("openai: bad message role", "/v1/chat/completions", json!({"model": "model::echo", "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0].role"),
+        (
+            "unknown variant",
+            "/inference",
+            {
+                let mut b = act_body("x");
+                b["variant_name"] = json!("zzz");
+                b
+            },
+            404,
+            "variant_name",
+        ),
+        (
+            "arguments failing the schema",
+            "/inference",
+            json!({"function_name": "act", "input": {"system": {"mission": "m"}, "messages": [{"role": "user", "content": {"observation": 42}}]}}),
+            400,
+            "input.messages[0].content[0]",
+        ),
+        (
+            "missing required argument",
+            "/inference",
+            json!({"function_name": "act", "input": {"system": {"wrong": "m"}, "messages": []}}),
+            400,
+            "input.system",
+        ),
+        (
+            "text where arguments are required",
+            "/inference",
+            json!({"function_name": "act", "input": {"system": {"mission": "m"}, "messages": [{"role": "user", "content": "plain"}]}}),
+            400,
+            "input.messages[0].content[0]",
+        ),
+        (
+            "unknown content block type",
+            "/inference",
+            json!({"function_name": "act", "input": {"messages": [{"role": "user", "content": [{"type": "image"}]}]}}),
+            400,
+            "input.messages[0].content",
+        ),
+        (
+            "unknown field",
+            "/inference",
+            json!({"function_name": "act", "input": {"messages": []}, "temprature": 1}),
+            400,
+            "temprature",
+        ),
+        (
+            "malformed episode id",
+            "/inference",
+            json!({"function_name": "act", "episode_id": "not-a-uuid", "input": {"messages": []}}),
+            400,
+            "episode_id",
+        ),
+        (
+            "unknown metric",
+            "/feedback",
+            json!({"metric_name": "nope", "inference_id": inference_id, "value": true}),
+            404,
+            "metric_name",
+        ),
+        (
+            "unknown inference",
+            "/feedback",
+            json!({"metric_name": "reward", "inference_id": unknown, "value": 1.0}),
+            404,
+            "inference_id",
+        ),
+        (
+            "unknown episode",
+            "/feedback",
+            json!({"metric_name": "success", "episode_id": unknown, "value": true}),
+            404,
+            "episode_id",
+        ),
+        (
+            "episode metric given an inference",
+            "/feedback",
+            json!({"metric_name": "success", "inference_id": inference_id, "value": true}),
+            400,
+            "episode_id",
+        ),
+        (
+            "inference metric given an episode",
+            "/feedback",
+            json!({"metric_name": "reward", "episode_id": episode_id, "value": 1.0}),
+            400,
+            "inference_id",
+        ),
+        (
+            "boolean metric given a number",
+            "/feedback",
+            json!({"metric_name": "success", "episode_id": episode_id, "value": 1}),
+            400,
+            "value",
+        ),
+        (
+            "float metric given a string",
+            "/feedback",
+            json!({"metric_name": "reward", "inference_id": inference_id, "value": "high"}),
+            400,
+            "value",
+        ),
+        (
+            "demonstration of the wrong shape",
+            "/feedback",
+            json!({"metric_name": "demonstration", "inference_id": inference_id, "value": 3}),
+            400,
+            "value",
+        ),
+        (
+            "openai: unknown model",
+            "/v1/chat/completions",
+            json!({"model": "function::nope", "messages": []}),
+            404,
+            "model",
+        ),
+        (
+            "openai: bad message role",
+            "/v1/chat/completions",
+            json!({"model": "model::echo", "messages": [{"role": "wizard", "content": "x"}]}),
+            400,
+            "messages[0].role",
+        ),
     ];
     for (what, path, body, status, field) in cases {
         let (got, error) = h.post(path, body).await;

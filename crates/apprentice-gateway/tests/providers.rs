@@ -5,14 +5,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apprentice_core::config::{
-    DummyBehavior, JsonMode, ModelConfig, Price, ProviderConfig, ToolChoice,
-};
+use apprentice_core::config::{DummyBehavior, JsonMode, ModelConfig, Price, ProviderConfig, ToolChoice};
 use apprentice_core::record::{RenderedBlock, RenderedMessage, RenderedRequest};
 use apprentice_core::{Config, ContentBlock, Role, ToolCall, ToolDefinition, ToolResult, Usage};
 use apprentice_gateway::providers::{
-    build_provider, build_routers, ChunkStream, DummyProvider, ModelRequest, ModelRouter, Provider,
-    ProviderError, ProviderResponse, StreamAccumulator, StreamChunk,
+    build_provider, build_routers, ChunkStream, DummyProvider, ModelRequest, ModelRouter, Provider, ProviderError,
+    ProviderResponse, StreamAccumulator, StreamChunk,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -47,10 +45,7 @@ struct Mock {
 impl Mock {
     async fn start(reply: impl Fn(&Value) -> Response + Send + Sync + 'static) -> Self {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let state = MockState {
-            reply: Arc::new(reply),
-            seen: seen.clone(),
-        };
+        let state = MockState { reply: Arc::new(reply), seen: seen.clone() };
         let app = axum::Router::new().fallback(handle).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -69,18 +64,9 @@ impl Mock {
     }
 }
 
-async fn handle(
-    State(state): State<MockState>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn handle(State(state): State<MockState>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    state.seen.lock().unwrap().push(Seen {
-        path: uri.path().to_string(),
-        headers,
-        body: body.clone(),
-    });
+    state.seen.lock().unwrap().push(Seen { path: uri.path().to_string(), headers, body: body.clone() });
     (state.reply)(&body)
 }
 
@@ -91,19 +77,12 @@ fn json_reply(value: Value) -> Response {
 /// An event stream cut into `piece`-byte frames sent a little apart, so the client really reads
 /// lines (and UTF-8 characters) split across network reads.
 fn sse_reply(text: String, piece: usize) -> Response {
-    let frames: Vec<Bytes> = text
-        .as_bytes()
-        .chunks(piece)
-        .map(Bytes::copy_from_slice)
-        .collect();
+    let frames: Vec<Bytes> = text.as_bytes().chunks(piece).map(Bytes::copy_from_slice).collect();
     let stream = futures::stream::iter(frames).then(|frame| async move {
         tokio::time::sleep(Duration::from_millis(2)).await;
         Ok::<_, Infallible>(frame)
     });
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(Body::from_stream(stream))
-        .unwrap()
+    Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(stream)).unwrap()
 }
 
 fn data_events(events: &[Value]) -> String {
@@ -134,10 +113,7 @@ fn agent_request() -> ModelRequest {
         rendered: RenderedRequest {
             system: Some("You move in a maze.".into()),
             messages: vec![
-                RenderedMessage {
-                    role: Role::User,
-                    content: vec![text("Where now?")],
-                },
+                RenderedMessage { role: Role::User, content: vec![text("Where now?")] },
                 RenderedMessage {
                     role: Role::Assistant,
                     content: vec![
@@ -173,10 +149,7 @@ fn user_request(message: &str) -> ModelRequest {
     ModelRequest {
         rendered: RenderedRequest {
             system: Some("be brief".into()),
-            messages: vec![RenderedMessage {
-                role: Role::User,
-                content: vec![text(message)],
-            }],
+            messages: vec![RenderedMessage { role: Role::User, content: vec![text(message)] }],
             tools: Vec::new(),
         },
         ..ModelRequest::default()
@@ -204,10 +177,7 @@ fn anthropic(base: &str, key_env: &str) -> Arc<dyn Provider> {
 }
 
 fn dummy(behavior: DummyBehavior, content: Option<&str>) -> ProviderConfig {
-    ProviderConfig::Dummy {
-        behavior,
-        content: content.map(String::from),
-    }
+    ProviderConfig::Dummy { behavior, content: content.map(String::from) }
 }
 
 async fn collect(mut stream: ChunkStream) -> Vec<StreamChunk> {
@@ -227,11 +197,7 @@ fn accumulate(chunks: &[StreamChunk]) -> ProviderResponse {
 }
 
 fn call(id: &str, name: &str, arguments: &str) -> ContentBlock {
-    ContentBlock::ToolCall(ToolCall {
-        id: id.into(),
-        name: name.into(),
-        arguments: arguments.into(),
-    })
+    ContentBlock::ToolCall(ToolCall { id: id.into(), name: name.into(), arguments: arguments.into() })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -255,30 +221,14 @@ async fn openai_maps_request_and_answer() {
     request.json_mode = Some(JsonMode::Strict);
     request.output_schema = Some(json!({"type": "object"}));
 
-    let response = openai(
-        &format!("{}/", mock.base),
-        Some("APPRENTICE_TEST_OPENAI_KEY"),
-    )
-    .infer(&request)
-    .await
-    .unwrap();
+    let response =
+        openai(&format!("{}/", mock.base), Some("APPRENTICE_TEST_OPENAI_KEY")).infer(&request).await.unwrap();
 
     assert_eq!(
         response.content,
-        vec![
-            ContentBlock::Text {
-                text: "Moving.".into()
-            },
-            call("call_b", "move", r#"{"dir":"east"}"#)
-        ]
+        vec![ContentBlock::Text { text: "Moving.".into() }, call("call_b", "move", r#"{"dir":"east"}"#)]
     );
-    assert_eq!(
-        response.usage,
-        Usage {
-            input_tokens: 31,
-            output_tokens: 9
-        }
-    );
+    assert_eq!(response.usage, Usage { input_tokens: 31, output_tokens: 9 });
     assert_eq!(response.finish_reason.as_deref(), Some("tool_calls"));
 
     let seen = mock.only_request();
@@ -334,115 +284,62 @@ async fn openai_stream_reassembles_split_tool_call_and_usage() {
     // 7-byte frames split every line, the `data:` prefixes and the two-byte `é`.
     let mock = Mock::start(move |_| sse_reply(stream_text.clone(), 7)).await;
 
-    let stream = openai(&mock.base, None)
-        .infer_stream(&agent_request())
-        .await
-        .unwrap();
+    let stream = openai(&mock.base, None).infer_stream(&agent_request()).await.unwrap();
     let chunks = collect(stream).await;
 
     let texts: Vec<&str> = chunks.iter().filter_map(|c| c.text.as_deref()).collect();
-    assert_eq!(
-        texts,
-        ["Héllo", " there"],
-        "empty role-only delta is not a chunk"
-    );
+    assert_eq!(texts, ["Héllo", " there"], "empty role-only delta is not a chunk");
     let deltas: Vec<_> = chunks.iter().flat_map(|c| &c.tool_calls).collect();
     assert_eq!(deltas.len(), 2);
     assert_eq!(
-        (
-            deltas[0].index,
-            deltas[0].id.as_deref(),
-            deltas[0].name.as_deref()
-        ),
+        (deltas[0].index, deltas[0].id.as_deref(), deltas[0].name.as_deref()),
         (0, Some("call_s"), Some("move"))
     );
-    assert_eq!(
-        (deltas[1].id.as_ref(), deltas[1].arguments.as_str()),
-        (None, "r\": \"west\"}")
-    );
-    assert_eq!(
-        chunks.last().unwrap().usage,
-        Some(Usage {
-            input_tokens: 12,
-            output_tokens: 5
-        })
-    );
+    assert_eq!((deltas[1].id.as_ref(), deltas[1].arguments.as_str()), (None, "r\": \"west\"}"));
+    assert_eq!(chunks.last().unwrap().usage, Some(Usage { input_tokens: 12, output_tokens: 5 }));
 
     let response = accumulate(&chunks);
     assert_eq!(
         response.content,
-        vec![
-            ContentBlock::Text {
-                text: "Héllo there".into()
-            },
-            call("call_s", "move", r#"{"dir": "west"}"#)
-        ]
+        vec![ContentBlock::Text { text: "Héllo there".into() }, call("call_s", "move", r#"{"dir": "west"}"#)]
     );
-    assert_eq!(
-        response.usage,
-        Usage {
-            input_tokens: 12,
-            output_tokens: 5
-        }
-    );
+    assert_eq!(response.usage, Usage { input_tokens: 12, output_tokens: 5 });
     assert_eq!(response.finish_reason.as_deref(), Some("tool_calls"));
 
     let seen = mock.only_request();
-    assert!(
-        seen.headers.get("authorization").is_none(),
-        "no key configured → no auth header"
-    );
+    assert!(seen.headers.get("authorization").is_none(), "no key configured → no auth header");
     assert_eq!(seen.body["stream"], true);
     assert_eq!(seen.body["stream_options"], json!({"include_usage": true}));
 }
 
 #[tokio::test]
 async fn openai_upstream_errors_are_classified() {
-    let mock =
-        Mock::start(|_| (StatusCode::INTERNAL_SERVER_ERROR, "model exploded").into_response())
-            .await;
+    let mock = Mock::start(|_| (StatusCode::INTERNAL_SERVER_ERROR, "model exploded").into_response()).await;
     let provider = openai(&mock.base, None);
     match provider.infer(&user_request("hi")).await {
-        Err(ProviderError::Status {
-            status: 500,
-            body,
-            provider,
-        }) => {
+        Err(ProviderError::Status { status: 500, body, provider }) => {
             assert_eq!(body, "model exploded");
             assert_eq!(provider, "openai");
         }
         other => panic!("expected a 500 status error, got {other:?}"),
     }
-    assert!(matches!(
-        provider.infer_stream(&user_request("hi")).await,
-        Err(ProviderError::Status { status: 500, .. })
-    ));
+    assert!(matches!(provider.infer_stream(&user_request("hi")).await, Err(ProviderError::Status { status: 500, .. })));
 
     let long = Mock::start(|_| (StatusCode::BAD_REQUEST, "x".repeat(10_000)).into_response()).await;
     match openai(&long.base, None).infer(&user_request("hi")).await {
-        Err(ProviderError::Status {
-            status: 400, body, ..
-        }) => assert!(body.len() < 2200, "body kept whole: {}", body.len()),
+        Err(ProviderError::Status { status: 400, body, .. }) => {
+            assert!(body.len() < 2200, "body kept whole: {}", body.len())
+        }
         other => panic!("expected a 400 status error, got {other:?}"),
     }
 
     let garbage = Mock::start(|_| json_reply(json!({"choices": "nope"}))).await;
-    let err = openai(&garbage.base, None)
-        .infer(&user_request("hi"))
-        .await
-        .unwrap_err();
+    let err = openai(&garbage.base, None).infer(&user_request("hi")).await.unwrap_err();
     assert!(matches!(err, ProviderError::Protocol { .. }), "{err:?}");
 
     // A port that was just free: nothing listens there.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let err = openai(&format!("http://{closed}/v1"), None)
-        .infer(&user_request("hi"))
-        .await
-        .unwrap_err();
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let err = openai(&format!("http://{closed}/v1"), None).infer(&user_request("hi")).await.unwrap_err();
     assert!(matches!(err, ProviderError::Transport { .. }), "{err:?}");
 }
 
@@ -454,34 +351,18 @@ async fn openai_missing_key_variable_is_a_config_error() {
         api_key_env: Some("APPRENTICE_TEST_NEVER_SET_KEY".into()),
         timeout_s: 1.0,
     };
-    let err = build_provider("openai", &config, &reqwest::Client::new())
-        .err()
-        .unwrap();
+    let err = build_provider("openai", &config, &reqwest::Client::new()).err().unwrap();
     assert!(matches!(err, ProviderError::Config { .. }));
-    assert!(
-        err.to_string().contains("APPRENTICE_TEST_NEVER_SET_KEY"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("APPRENTICE_TEST_NEVER_SET_KEY"), "{err}");
 }
 
 #[tokio::test]
 async fn openai_mid_stream_error_ends_the_stream_with_an_error() {
-    let text =
-        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\ndata: {not json\n\n"
-            .to_string();
+    let text = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\ndata: {not json\n\n".to_string();
     let mock = Mock::start(move |_| sse_reply(text.clone(), 1000)).await;
-    let mut stream = openai(&mock.base, None)
-        .infer_stream(&user_request("hi"))
-        .await
-        .unwrap();
-    assert_eq!(
-        stream.next().await.unwrap().unwrap().text.as_deref(),
-        Some("a")
-    );
-    assert!(matches!(
-        stream.next().await,
-        Some(Err(ProviderError::Protocol { .. }))
-    ));
+    let mut stream = openai(&mock.base, None).infer_stream(&user_request("hi")).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap().text.as_deref(), Some("a"));
+    assert!(matches!(stream.next().await, Some(Err(ProviderError::Protocol { .. }))));
     assert!(stream.next().await.is_none());
 }
 
@@ -505,32 +386,15 @@ async fn anthropic_maps_request_and_answer() {
     .await;
     let mut request = agent_request();
     request.max_tokens = None;
-    request.rendered.messages[1].content[1] = RenderedBlock::ToolCall(ToolCall {
-        id: "call_a".into(),
-        name: "look".into(),
-        arguments: "not json".into(),
-    });
+    request.rendered.messages[1].content[1] =
+        RenderedBlock::ToolCall(ToolCall { id: "call_a".into(), name: "look".into(), arguments: "not json".into() });
 
-    let response = anthropic(&mock.base, "APPRENTICE_TEST_ANTHROPIC_KEY")
-        .infer(&request)
-        .await
-        .unwrap();
+    let response = anthropic(&mock.base, "APPRENTICE_TEST_ANTHROPIC_KEY").infer(&request).await.unwrap();
     assert_eq!(
         response.content,
-        vec![
-            ContentBlock::Text {
-                text: "Going east.".into()
-            },
-            call("toolu_1", "move", r#"{"dir":"east"}"#)
-        ]
+        vec![ContentBlock::Text { text: "Going east.".into() }, call("toolu_1", "move", r#"{"dir":"east"}"#)]
     );
-    assert_eq!(
-        response.usage,
-        Usage {
-            input_tokens: 40,
-            output_tokens: 12
-        }
-    );
+    assert_eq!(response.usage, Usage { input_tokens: 40, output_tokens: 12 });
     assert_eq!(response.finish_reason.as_deref(), Some("tool_calls"));
 
     let seen = mock.only_request();
@@ -556,10 +420,7 @@ async fn anthropic_maps_request_and_answer() {
         body["tools"][1],
         json!({"name": "move", "description": "the move tool", "input_schema": {"type": "object", "properties": {"dir": {"type": "string"}}}})
     );
-    assert_eq!(
-        body["tool_choice"],
-        json!({"type": "any", "disable_parallel_tool_use": true})
-    );
+    assert_eq!(body["tool_choice"], json!({"type": "any", "disable_parallel_tool_use": true}));
     assert!(body.get("seed").is_none(), "the messages API has no seed");
 }
 
@@ -584,10 +445,7 @@ async fn anthropic_stream_reassembles_tool_use() {
             "content_block_delta",
             json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "moving."}}),
         ),
-        (
-            "content_block_stop",
-            json!({"type": "content_block_stop", "index": 0}),
-        ),
+        ("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
         (
             "content_block_start",
             json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_9", "name": "move", "input": {}}}),
@@ -600,45 +458,25 @@ async fn anthropic_stream_reassembles_tool_use() {
             "content_block_delta",
             json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"south\"}"}}),
         ),
-        (
-            "content_block_stop",
-            json!({"type": "content_block_stop", "index": 1}),
-        ),
+        ("content_block_stop", json!({"type": "content_block_stop", "index": 1})),
         (
             "message_delta",
             json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 17}}),
         ),
         ("message_stop", json!({"type": "message_stop"})),
     ];
-    let stream_text: String = events
-        .iter()
-        .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
-        .collect();
+    let stream_text: String = events.iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect();
     let mock = Mock::start(move |_| sse_reply(stream_text.clone(), 11)).await;
 
-    let stream = anthropic(&mock.base, "APPRENTICE_TEST_ANTHROPIC_KEY")
-        .infer_stream(&agent_request())
-        .await
-        .unwrap();
+    let stream = anthropic(&mock.base, "APPRENTICE_TEST_ANTHROPIC_KEY").infer_stream(&agent_request()).await.unwrap();
     let chunks = collect(stream).await;
     let last = chunks.last().unwrap();
-    assert_eq!(
-        last.usage,
-        Some(Usage {
-            input_tokens: 25,
-            output_tokens: 17
-        })
-    );
+    assert_eq!(last.usage, Some(Usage { input_tokens: 25, output_tokens: 17 }));
     assert_eq!(last.finish_reason.as_deref(), Some("tool_calls"));
     let response = accumulate(&chunks);
     assert_eq!(
         response.content,
-        vec![
-            ContentBlock::Text {
-                text: "Okay, moving.".into()
-            },
-            call("toolu_9", "move", r#"{"dir": "south"}"#)
-        ]
+        vec![ContentBlock::Text { text: "Okay, moving.".into() }, call("toolu_9", "move", r#"{"dir": "south"}"#)]
     );
     assert_eq!(mock.only_request().body["stream"], true);
 }
@@ -661,60 +499,28 @@ async fn dummy_echo_is_deterministic_and_streams_the_same_text() {
     let first = provider.infer(&request).await.unwrap();
     let second = provider.infer(&request).await.unwrap();
     assert_eq!(first.content, second.content);
-    assert_eq!(
-        first.content,
-        vec![ContentBlock::Text {
-            text: "  go to   the red\tball ".into()
-        }]
-    );
+    assert_eq!(first.content, vec![ContentBlock::Text { text: "  go to   the red\tball ".into() }]);
     // "be brief" (2) + 5 words in; 5 words out.
-    assert_eq!(
-        first.usage,
-        Usage {
-            input_tokens: 7,
-            output_tokens: 5
-        }
-    );
+    assert_eq!(first.usage, Usage { input_tokens: 7, output_tokens: 5 });
     assert_eq!(first.finish_reason.as_deref(), Some("stop"));
 
     let chunks = collect(provider.infer_stream(&request).await.unwrap()).await;
-    assert_eq!(
-        chunks.len(),
-        6,
-        "five words and a closing chunk: {chunks:?}"
-    );
+    assert_eq!(chunks.len(), 6, "five words and a closing chunk: {chunks:?}");
     let last = chunks.last().unwrap();
-    assert_eq!(
-        (last.usage, last.finish_reason.as_deref()),
-        (Some(first.usage), Some("stop"))
-    );
+    assert_eq!((last.usage, last.finish_reason.as_deref()), (Some(first.usage), Some("stop")));
     let again = accumulate(&chunks);
-    assert_eq!(
-        (again.content, again.usage, again.finish_reason),
-        (first.content, first.usage, first.finish_reason)
-    );
+    assert_eq!((again.content, again.usage, again.finish_reason), (first.content, first.usage, first.finish_reason));
 }
 
 #[tokio::test]
 async fn dummy_echoes_tool_results_and_calls_tools() {
     let request = agent_request();
-    let echo = dummy_provider(DummyBehavior::Echo, None)
-        .infer(&request)
-        .await
-        .unwrap();
-    assert_eq!(
-        echo.content,
-        vec![ContentBlock::Text {
-            text: "a wall".into()
-        }]
-    );
+    let echo = dummy_provider(DummyBehavior::Echo, None).infer(&request).await.unwrap();
+    assert_eq!(echo.content, vec![ContentBlock::Text { text: "a wall".into() }]);
 
     let caller = dummy_provider(DummyBehavior::ToolCall, Some(r#"{"dir": "up"}"#));
     let response = caller.infer(&request).await.unwrap();
-    assert_eq!(
-        response.content,
-        vec![call("call_0", "look", r#"{"dir": "up"}"#)]
-    );
+    assert_eq!(response.content, vec![call("call_0", "look", r#"{"dir": "up"}"#)]);
     assert_eq!(response.finish_reason.as_deref(), Some("tool_calls"));
     let again = streamed(&caller, &request).await;
     assert_eq!(
@@ -722,47 +528,17 @@ async fn dummy_echoes_tool_results_and_calls_tools() {
         (response.content, response.usage, response.finish_reason)
     );
 
-    let no_tools = dummy_provider(DummyBehavior::ToolCall, None)
-        .infer(&user_request("hello"))
-        .await
-        .unwrap();
-    assert_eq!(
-        no_tools.content,
-        vec![ContentBlock::Text {
-            text: "hello".into()
-        }]
-    );
+    let no_tools = dummy_provider(DummyBehavior::ToolCall, None).infer(&user_request("hello")).await.unwrap();
+    assert_eq!(no_tools.content, vec![ContentBlock::Text { text: "hello".into() }]);
 
-    let fixed = dummy_provider(DummyBehavior::Fixed, None)
-        .infer(&request)
-        .await
-        .unwrap();
-    assert_eq!(
-        fixed.content,
-        vec![ContentBlock::Text {
-            text: "dummy".into()
-        }]
-    );
-    let json_reply = dummy_provider(DummyBehavior::Json, Some(r#"{"a": 1}"#))
-        .infer(&request)
-        .await
-        .unwrap();
-    assert_eq!(
-        json_reply.content,
-        vec![ContentBlock::Text {
-            text: r#"{"a": 1}"#.into()
-        }]
-    );
+    let fixed = dummy_provider(DummyBehavior::Fixed, None).infer(&request).await.unwrap();
+    assert_eq!(fixed.content, vec![ContentBlock::Text { text: "dummy".into() }]);
+    let json_reply = dummy_provider(DummyBehavior::Json, Some(r#"{"a": 1}"#)).infer(&request).await.unwrap();
+    assert_eq!(json_reply.content, vec![ContentBlock::Text { text: r#"{"a": 1}"#.into() }]);
 
     let failing = dummy_provider(DummyBehavior::Error, None);
-    assert!(matches!(
-        failing.infer(&request).await,
-        Err(ProviderError::Scripted { .. })
-    ));
-    assert!(matches!(
-        failing.infer_stream(&request).await,
-        Err(ProviderError::Scripted { .. })
-    ));
+    assert!(matches!(failing.infer(&request).await, Err(ProviderError::Scripted { .. })));
+    assert!(matches!(failing.infer_stream(&request).await, Err(ProviderError::Scripted { .. })));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -770,8 +546,7 @@ async fn dummy_echoes_tool_results_and_calls_tools() {
 
 #[tokio::test]
 async fn router_falls_back_and_reports_skipped_failures() {
-    let broken =
-        Mock::start(|_| (StatusCode::SERVICE_UNAVAILABLE, "overloaded").into_response()).await;
+    let broken = Mock::start(|_| (StatusCode::SERVICE_UNAVAILABLE, "overloaded").into_response()).await;
     let config = ModelConfig {
         providers: vec![
             ("scripted".into(), dummy(DummyBehavior::Error, None)),
@@ -784,74 +559,33 @@ async fn router_falls_back_and_reports_skipped_failures() {
                     timeout_s: 5.0,
                 },
             ),
-            (
-                "backup".into(),
-                dummy(DummyBehavior::Fixed, Some("from backup")),
-            ),
+            ("backup".into(), dummy(DummyBehavior::Fixed, Some("from backup"))),
         ],
-        price: Some(Price {
-            input_per_million: 1.0,
-            output_per_million: 2.0,
-        }),
+        price: Some(Price { input_per_million: 1.0, output_per_million: 2.0 }),
     };
     let router = ModelRouter::from_config("maze", &config, &reqwest::Client::new()).unwrap();
-    assert_eq!(
-        router.price(),
-        Some(Price {
-            input_per_million: 1.0,
-            output_per_million: 2.0
-        })
-    );
-    assert_eq!(
-        router.provider_names().collect::<Vec<_>>(),
-        ["scripted", "upstream", "backup"]
-    );
+    assert_eq!(router.price(), Some(Price { input_per_million: 1.0, output_per_million: 2.0 }));
+    assert_eq!(router.provider_names().collect::<Vec<_>>(), ["scripted", "upstream", "backup"]);
 
     let routed = router.infer(&user_request("hi")).await.unwrap();
     assert_eq!(routed.provider_name, "backup");
-    assert_eq!(
-        routed.value.content,
-        vec![ContentBlock::Text {
-            text: "from backup".into()
-        }]
-    );
-    let names: Vec<&str> = routed
-        .failures
-        .iter()
-        .map(|(name, _)| name.as_str())
-        .collect();
+    assert_eq!(routed.value.content, vec![ContentBlock::Text { text: "from backup".into() }]);
+    let names: Vec<&str> = routed.failures.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names, ["scripted", "upstream"]);
-    assert!(matches!(
-        routed.failures[0].1,
-        ProviderError::Scripted { .. }
-    ));
-    assert!(matches!(
-        routed.failures[1].1,
-        ProviderError::Status { status: 503, .. }
-    ));
+    assert!(matches!(routed.failures[0].1, ProviderError::Scripted { .. }));
+    assert!(matches!(routed.failures[1].1, ProviderError::Status { status: 503, .. }));
 
     let routed = router.infer_stream(&user_request("hi")).await.unwrap();
-    assert_eq!(
-        (routed.provider_name.as_str(), routed.failures.len()),
-        ("backup", 2)
-    );
+    assert_eq!((routed.provider_name.as_str(), routed.failures.len()), ("backup", 2));
     let response = accumulate(&collect(routed.value).await);
-    assert_eq!(
-        response.content,
-        vec![ContentBlock::Text {
-            text: "from backup".into()
-        }]
-    );
+    assert_eq!(response.content, vec![ContentBlock::Text { text: "from backup".into() }]);
 }
 
 #[tokio::test]
 async fn router_reports_every_failure_when_all_fail() {
     let broken = Mock::start(|_| (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()).await;
     let providers: Vec<(String, Arc<dyn Provider>)> = vec![
-        (
-            "first".into(),
-            Arc::new(dummy_provider(DummyBehavior::Error, None)),
-        ),
+        ("first".into(), Arc::new(dummy_provider(DummyBehavior::Error, None))),
         ("second".into(), openai(&broken.base, None)),
     ];
     let router = ModelRouter::new("doomed", providers, None);
@@ -860,14 +594,9 @@ async fn router_reports_every_failure_when_all_fail() {
     assert_eq!(err.failures.len(), 2);
     let message = err.to_string();
     for needle in ["doomed", "first", "second", "500", "boom"] {
-        assert!(
-            message.contains(needle),
-            "`{needle}` missing from: {message}"
-        );
+        assert!(message.contains(needle), "`{needle}` missing from: {message}");
     }
-    let Err(err) = router.infer_stream(&user_request("hi")).await else {
-        panic!("stream should fail")
-    };
+    let Err(err) = router.infer_stream(&user_request("hi")).await else { panic!("stream should fail") };
     assert_eq!(err.failures.len(), 2);
 }
 
@@ -895,26 +624,11 @@ async fn routers_are_built_for_every_configured_model() {
     let config = Config::parse(text, Path::new("test.toml"), Path::new(".")).unwrap();
     let routers = build_routers(&config, &reqwest::Client::new()).unwrap();
     assert_eq!(routers.keys().collect::<Vec<_>>(), ["echo", "remote"]);
-    assert_eq!(
-        routers["echo"].price().map(|p| p.output_per_million),
-        Some(1.5)
-    );
-    assert_eq!(
-        routers["remote"].provider_names().collect::<Vec<_>>(),
-        ["main", "fallback"]
-    );
+    assert_eq!(routers["echo"].price().map(|p| p.output_per_million), Some(1.5));
+    assert_eq!(routers["remote"].provider_names().collect::<Vec<_>>(), ["main", "fallback"]);
 
-    let keyed = text.replace(
-        "api_base = ",
-        "api_key_env = \"APPRENTICE_TEST_UNSET_ROUTER_KEY\"\n        api_base = ",
-    );
+    let keyed = text.replace("api_base = ", "api_key_env = \"APPRENTICE_TEST_UNSET_ROUTER_KEY\"\n        api_base = ");
     let config = Config::parse(&keyed, Path::new("test.toml"), Path::new(".")).unwrap();
-    let err = build_routers(&config, &reqwest::Client::new())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("models.remote.providers.main")
-            && err.contains("APPRENTICE_TEST_UNSET_ROUTER_KEY"),
-        "{err}"
-    );
+    let err = build_routers(&config, &reqwest::Client::new()).unwrap_err().to_string();
+    assert!(err.contains("models.remote.providers.main") && err.contains("APPRENTICE_TEST_UNSET_ROUTER_KEY"), "{err}");
 }

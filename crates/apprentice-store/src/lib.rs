@@ -21,17 +21,9 @@ pub enum StoreError {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored {what} {id} cannot be decoded: {message}")]
-    Corrupt {
-        what: &'static str,
-        id: String,
-        message: String,
-    },
+    Corrupt { what: &'static str, id: String, message: String },
     #[error("{what} {id} cannot be stored: {message}")]
-    Invalid {
-        what: &'static str,
-        id: String,
-        message: String,
-    },
+    Invalid { what: &'static str, id: String, message: String },
     /// A batch commit failed; every record of the batch gets this copy of the cause, because the
     /// original error cannot be cloned.
     #[error("the batch holding this record was not written: {0}")]
@@ -68,21 +60,15 @@ impl Record {
                 ];
                 for (field, value) in numbers {
                     if value.is_some_and(|v| !v.is_finite()) {
-                        return Err(invalid(
-                            "inference",
-                            inference.id,
-                            format!("{field} is not finite"),
-                        ));
+                        return Err(invalid("inference", inference.id, format!("{field} is not finite")));
                     }
                 }
                 Ok(())
             }
             Record::Feedback(feedback) => match feedback.value {
-                FeedbackValue::Float(v) if !v.is_finite() => Err(invalid(
-                    "feedback",
-                    feedback.id,
-                    "float value is not finite".into(),
-                )),
+                FeedbackValue::Float(v) if !v.is_finite() => {
+                    Err(invalid("feedback", feedback.id, "float value is not finite".into()))
+                }
                 _ => Ok(()),
             },
         }
@@ -90,11 +76,7 @@ impl Record {
 }
 
 fn invalid(what: &'static str, id: Uuid, message: String) -> StoreError {
-    StoreError::Invalid {
-        what,
-        id: id.to_string(),
-        message,
-    }
+    StoreError::Invalid { what, id: id.to_string(), message }
 }
 
 /// Which inferences to read back; results are ordered by id (creation time).

@@ -28,11 +28,8 @@ pub type WriteObserver = Arc<dyn Fn(Duration, usize) + Send + Sync>;
 const MAX_BATCH_RECORDS: usize = 512;
 
 /// Waits between attempts at an async batch; a batch that fails them all is logged as lost.
-const ASYNC_RETRY_BACKOFF: [Duration; 3] = [
-    Duration::from_millis(50),
-    Duration::from_millis(250),
-    Duration::from_millis(1000),
-];
+const ASYNC_RETRY_BACKOFF: [Duration; 3] =
+    [Duration::from_millis(50), Duration::from_millis(250), Duration::from_millis(1000)];
 
 type Ack = oneshot::Sender<Result<(), StoreError>>;
 
@@ -68,27 +65,12 @@ impl Recorder {
     /// (in records); a full queue makes callers wait rather than dropping anything.
     ///
     /// Records still queued when the runtime stops are lost: call [`Recorder::shutdown`] first.
-    pub fn spawn(
-        store: Arc<dyn Store>,
-        mode: WriteMode,
-        capacity: usize,
-        observer: Option<WriteObserver>,
-    ) -> Self {
+    pub fn spawn(store: Arc<dyn Store>, mode: WriteMode, capacity: usize, observer: Option<WriteObserver>) -> Self {
         // tokio panics on a zero-capacity channel; a queue of one still works, just without slack.
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let writer = Writer {
-            store,
-            mode,
-            observer,
-            lost_since_flush: 0,
-        };
+        let writer = Writer { store, mode, observer, lost_since_flush: 0 };
         let handle = tokio::spawn(writer.run(rx));
-        Self {
-            tx,
-            mode,
-            closed: AtomicBool::new(false),
-            writer: Mutex::new(Some(handle)),
-        }
+        Self { tx, mode, closed: AtomicBool::new(false), writer: Mutex::new(Some(handle)) }
     }
 
     pub fn mode(&self) -> WriteMode {
@@ -108,11 +90,7 @@ impl Recorder {
             WriteMode::Async => self.send(Job::Write { record, ack: None }).await,
             WriteMode::Durable => {
                 let (ack, done) = oneshot::channel();
-                self.send(Job::Write {
-                    record,
-                    ack: Some(ack),
-                })
-                .await?;
+                self.send(Job::Write { record, ack: Some(ack) }).await?;
                 // A dropped ack means the writer died before answering.
                 done.await.map_err(|_| StoreError::Closed)?
             }
@@ -138,9 +116,7 @@ impl Recorder {
         };
         // Fails only if the writer is already gone, which joining below reports.
         let _ = self.tx.send(Job::Shutdown).await;
-        handle
-            .await
-            .map_err(|e| StoreError::Batch(format!("the writer task failed: {e}")))?
+        handle.await.map_err(|e| StoreError::Batch(format!("the writer task failed: {e}")))?
     }
 
     async fn send(&self, job: Job) -> Result<(), StoreError> {
@@ -213,8 +189,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, records = records.len(), "batch commit failed");
                 let message = e.to_string();
-                acks.into_iter()
-                    .for_each(|ack| answer(ack, Err(StoreError::Batch(message.clone()))));
+                acks.into_iter().for_each(|ack| answer(ack, Err(StoreError::Batch(message.clone()))));
             }
         }
     }
@@ -265,9 +240,7 @@ impl Writer {
 fn lost_result(lost: usize) -> Result<(), StoreError> {
     match lost {
         0 => Ok(()),
-        lost => Err(StoreError::Batch(format!(
-            "{lost} queued records could not be written; see the error log"
-        ))),
+        lost => Err(StoreError::Batch(format!("{lost} queued records could not be written; see the error log"))),
     }
 }
 
@@ -286,11 +259,7 @@ fn collect(first: Job, rx: &mut mpsc::Receiver<Job>) -> (Batch, bool) {
             Job::Flush(ack) => batch.flushes.push(ack),
             Job::Shutdown => shutdown = true,
         }
-        next = if batch.records.len() < MAX_BATCH_RECORDS {
-            rx.try_recv().ok()
-        } else {
-            None
-        };
+        next = if batch.records.len() < MAX_BATCH_RECORDS { rx.try_recv().ok() } else { None };
     }
     (batch, shutdown)
 }
@@ -311,9 +280,7 @@ fn answer(ack: Option<Ack>, result: Result<(), StoreError>) {
 fn is_record_specific(error: &StoreError) -> bool {
     match error {
         StoreError::Invalid { .. } => true,
-        StoreError::Database(sqlx::Error::Database(db)) => {
-            !matches!(db.kind(), sqlx::error::ErrorKind::Other)
-        }
+        StoreError::Database(sqlx::Error::Database(db)) => !matches!(db.kind(), sqlx::error::ErrorKind::Other),
         _ => false,
     }
 }

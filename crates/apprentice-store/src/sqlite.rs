@@ -16,8 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
@@ -34,8 +33,7 @@ const INFERENCE_COLUMNS: &str = "id, function_name, variant_name, episode_id, in
      model_name, provider_name, input_tokens, output_tokens, latency_ms, ttft_ms, cost, tags, params, \
      finish_reason, created_at";
 
-const FEEDBACK_COLUMNS: &str =
-    "id, metric_name, kind, target_level, target_id, value, tags, created_at";
+const FEEDBACK_COLUMNS: &str = "id, metric_name, kind, target_level, target_id, value, tags, created_at";
 
 /// A store in one SQLite file. Cloning is cheap and shares the connection pool.
 #[derive(Debug, Clone)]
@@ -61,19 +59,14 @@ impl SqliteStore {
             .synchronous(synchronous)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .connect_with(options)
-            .await?;
+        let pool = SqlitePoolOptions::new().max_connections(POOL_SIZE).connect_with(options).await?;
         Self::migrated(pool).await
     }
 
     /// A private in-memory database, for tests. One connection that never expires, because an
     /// in-memory database lives exactly as long as its connection.
     pub async fn open_in_memory() -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::new()
-            .in_memory(true)
-            .foreign_keys(true);
+        let options = SqliteConnectOptions::new().in_memory(true).foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -124,26 +117,20 @@ impl Store for SqliteStore {
 
     async fn inference(&self, id: Uuid) -> Result<Option<InferenceRecord>, StoreError> {
         let sql = format!("SELECT {INFERENCE_COLUMNS} FROM inferences WHERE id = ?");
-        let row = sqlx::query(&sql)
-            .bind(id_text(id))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&sql).bind(id_text(id)).fetch_optional(&self.pool).await?;
         row.as_ref().map(decode_inference).transpose()
     }
 
     async fn episode_exists(&self, id: Uuid) -> Result<bool, StoreError> {
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM episodes WHERE id = ?)")
-                .bind(id_text(id))
-                .fetch_one(&self.pool)
-                .await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM episodes WHERE id = ?)")
+            .bind(id_text(id))
+            .fetch_one(&self.pool)
+            .await?;
         Ok(exists)
     }
 
     async fn inferences(&self, query: &InferenceQuery) -> Result<Vec<InferenceRecord>, StoreError> {
-        let mut sql = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {INFERENCE_COLUMNS} FROM inferences WHERE 1 = 1"
-        ));
+        let mut sql = QueryBuilder::<Sqlite>::new(format!("SELECT {INFERENCE_COLUMNS} FROM inferences WHERE 1 = 1"));
         if let Some(function_name) = &query.function_name {
             sql.push(" AND function_name = ").push_bind(function_name);
         }
@@ -151,43 +138,31 @@ impl Store for SqliteStore {
             sql.push(" AND variant_name = ").push_bind(variant_name);
         }
         if let Some(episode_id) = query.episode_id {
-            sql.push(" AND episode_id = ")
-                .push_bind(id_text(episode_id));
+            sql.push(" AND episode_id = ").push_bind(id_text(episode_id));
         }
         sql.push(" ORDER BY id");
         if let Some(limit) = query.limit {
             // SQLite limits are signed; anything beyond i64 means "no limit" in practice.
-            sql.push(" LIMIT ")
-                .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
+            sql.push(" LIMIT ").push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
         }
         let rows = sql.build().fetch_all(&self.pool).await?;
         rows.iter().map(decode_inference).collect()
     }
 
     async fn feedback_for(&self, target_id: Uuid) -> Result<Vec<FeedbackRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {FEEDBACK_COLUMNS} FROM feedback WHERE target_id = ? ORDER BY created_at, id"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(id_text(target_id))
-            .fetch_all(&self.pool)
-            .await?;
+        let sql = format!("SELECT {FEEDBACK_COLUMNS} FROM feedback WHERE target_id = ? ORDER BY created_at, id");
+        let rows = sqlx::query(&sql).bind(id_text(target_id)).fetch_all(&self.pool).await?;
         rows.iter().map(decode_feedback).collect()
     }
 
     async fn count_inferences(&self) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inferences")
-            .fetch_one(&self.pool)
-            .await?;
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inferences").fetch_one(&self.pool).await?;
         // COUNT(*) is never negative.
         Ok(count.unsigned_abs())
     }
 }
 
-async fn insert_inference(
-    conn: &mut SqliteConnection,
-    r: &InferenceRecord,
-) -> Result<(), StoreError> {
+async fn insert_inference(conn: &mut SqliteConnection, r: &InferenceRecord) -> Result<(), StoreError> {
     let input = encode_json("inference", r.id, "input", &r.input)?;
     let rendered = encode_json("inference", r.id, "rendered", &r.rendered)?;
     let output = encode_json("inference", r.id, "output", &r.output)?;
@@ -230,19 +205,11 @@ async fn insert_inference(
     Ok(())
 }
 
-async fn insert_feedback(
-    conn: &mut SqliteConnection,
-    f: &FeedbackRecord,
-) -> Result<(), StoreError> {
+async fn insert_feedback(conn: &mut SqliteConnection, f: &FeedbackRecord) -> Result<(), StoreError> {
     let (value, value_num) = match &f.value {
-        FeedbackValue::Boolean(b) => (
-            encode_json("feedback", f.id, "value", b)?,
-            Some(if *b { 1.0 } else { 0.0 }),
-        ),
+        FeedbackValue::Boolean(b) => (encode_json("feedback", f.id, "value", b)?, Some(if *b { 1.0 } else { 0.0 })),
         FeedbackValue::Float(x) => (encode_json("feedback", f.id, "value", x)?, Some(*x)),
-        FeedbackValue::Demonstration(output) => {
-            (encode_json("feedback", f.id, "value", output)?, None)
-        }
+        FeedbackValue::Demonstration(output) => (encode_json("feedback", f.id, "value", output)?, None),
         FeedbackValue::Comment(text) => (encode_json("feedback", f.id, "value", text)?, None),
     };
     let tags = encode_json("feedback", f.id, "tags", &f.tags)?;
@@ -298,10 +265,7 @@ fn decode_inference(row: &SqliteRow) -> Result<InferenceRecord, StoreError> {
         output: r.json("output")?,
         model_name: r.get("model_name")?,
         provider_name: r.get("provider_name")?,
-        usage: Usage {
-            input_tokens: r.count("input_tokens")?,
-            output_tokens: r.count("output_tokens")?,
-        },
+        usage: Usage { input_tokens: r.count("input_tokens")?, output_tokens: r.count("output_tokens")? },
         latency_ms: r.get("latency_ms")?,
         ttft_ms: r.get("ttft_ms")?,
         cost: r.get("cost")?,
@@ -349,27 +313,19 @@ struct Fields<'r> {
 
 impl<'r> Fields<'r> {
     fn new(row: &'r SqliteRow, what: &'static str) -> Self {
-        let id = row
-            .try_get::<String, _>("id")
-            .unwrap_or_else(|_| "<unreadable id>".to_owned());
+        let id = row.try_get::<String, _>("id").unwrap_or_else(|_| "<unreadable id>".to_owned());
         Self { row, what, id }
     }
 
     fn corrupt(&self, column: &str, message: impl std::fmt::Display) -> StoreError {
-        StoreError::Corrupt {
-            what: self.what,
-            id: self.id.clone(),
-            message: format!("{column}: {message}"),
-        }
+        StoreError::Corrupt { what: self.what, id: self.id.clone(), message: format!("{column}: {message}") }
     }
 
     fn get<T>(&self, column: &str) -> Result<T, StoreError>
     where
         T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
     {
-        self.row
-            .try_get(column)
-            .map_err(|e| self.corrupt(column, e))
+        self.row.try_get(column).map_err(|e| self.corrupt(column, e))
     }
 
     fn json<T: DeserializeOwned>(&self, column: &str) -> Result<T, StoreError> {
@@ -384,9 +340,7 @@ impl<'r> Fields<'r> {
 
     fn time(&self, column: &str) -> Result<DateTime<Utc>, StoreError> {
         let text: &str = self.get(column)?;
-        DateTime::parse_from_rfc3339(text)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| self.corrupt(column, e))
+        DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)).map_err(|e| self.corrupt(column, e))
     }
 
     fn count(&self, column: &str) -> Result<u32, StoreError> {

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use apprentice_core::config::WriteMode;
 use apprentice_core::{new_id, FeedbackRecord, FeedbackValue, InferenceRecord, MetricLevel};
-use apprentice_store::{
-    InferenceQuery, Record, Recorder, SqliteStore, Store, StoreError, WriteObserver,
-};
+use apprentice_store::{InferenceQuery, Record, Recorder, SqliteStore, Store, StoreError, WriteObserver};
 use async_trait::async_trait;
 use common::*;
 use uuid::Uuid;
@@ -39,12 +37,7 @@ struct Faulty {
 
 impl Faulty {
     fn new(inner: SqliteStore, delay: Duration, failures: usize) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            delay,
-            failures_left: AtomicUsize::new(failures),
-            attempts: AtomicUsize::new(0),
-        })
+        Arc::new(Self { inner, delay, failures_left: AtomicUsize::new(failures), attempts: AtomicUsize::new(0) })
     }
 }
 
@@ -53,10 +46,7 @@ impl Store for Faulty {
     async fn write_batch(&self, batch: &[Record]) -> Result<(), StoreError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
-        let failing = self
-            .failures_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
+        let failing = self.failures_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         if failing {
             return Err(StoreError::Batch("injected: disk unavailable".into()));
         }
@@ -87,12 +77,8 @@ fn some_inference() -> InferenceRecord {
 async fn durable_records_are_visible_on_return_and_group_committed() {
     let (_dir, store) = temp_store(WriteMode::Durable).await;
     let batches = Batches::default();
-    let recorder = Arc::new(Recorder::spawn(
-        Arc::new(store.clone()),
-        WriteMode::Durable,
-        1024,
-        Some(batches.observer()),
-    ));
+    let recorder =
+        Arc::new(Recorder::spawn(Arc::new(store.clone()), WriteMode::Durable, 1024, Some(batches.observer())));
     assert_eq!(recorder.mode(), WriteMode::Durable);
 
     let tasks: Vec<_> = (0..200)
@@ -102,10 +88,7 @@ async fn durable_records_are_visible_on_return_and_group_committed() {
                 let record = some_inference();
                 recorder.record(rec(record.clone())).await.unwrap();
                 // Durable means readable the moment `record` returns, before any flush.
-                assert_eq!(
-                    store.inference(record.id).await.unwrap().as_ref(),
-                    Some(&record)
-                );
+                assert_eq!(store.inference(record.id).await.unwrap().as_ref(), Some(&record));
                 record
             })
         })
@@ -115,19 +98,12 @@ async fn durable_records_are_visible_on_return_and_group_committed() {
         written.push(task.await.unwrap());
     }
     for record in &written {
-        assert_eq!(
-            store.inference(record.id).await.unwrap().as_ref(),
-            Some(record)
-        );
+        assert_eq!(store.inference(record.id).await.unwrap().as_ref(), Some(record));
     }
     let sizes = batches.sizes();
     assert_eq!(sizes.iter().sum::<usize>(), 200);
     eprintln!("batch sizes: {sizes:?}");
-    assert!(
-        sizes.len() < 50,
-        "200 concurrent records took {} batches: {sizes:?}",
-        sizes.len()
-    );
+    assert!(sizes.len() < 50, "200 concurrent records took {} batches: {sizes:?}", sizes.len());
     recorder.shutdown().await.unwrap();
 }
 
@@ -155,12 +131,7 @@ async fn async_records_queued_before_shutdown_are_all_written() {
         let record = some_inference();
         ids.push(record.id);
         recorder.record(rec(record.clone())).await.unwrap();
-        let rating = feedback(
-            MetricLevel::Inference,
-            record.id,
-            "ok",
-            FeedbackValue::Float(f64::from(i)),
-        );
+        let rating = feedback(MetricLevel::Inference, record.id, "ok", FeedbackValue::Float(f64::from(i)));
         recorder.record(fb(rating)).await.unwrap();
     }
     recorder.shutdown().await.unwrap();
@@ -175,19 +146,12 @@ async fn async_records_queued_before_shutdown_are_all_written() {
 #[tokio::test]
 async fn async_flush_waits_for_everything_queued_before_it() {
     let (_dir, store) = temp_store(WriteMode::Async).await;
-    let recorder = Recorder::spawn(
-        Faulty::new(store.clone(), Duration::from_millis(20), 0),
-        WriteMode::Async,
-        1000,
-        None,
-    );
+    let recorder =
+        Recorder::spawn(Faulty::new(store.clone(), Duration::from_millis(20), 0), WriteMode::Async, 1000, None);
     for _ in 0..50 {
         recorder.record(rec(some_inference())).await.unwrap();
     }
-    assert!(
-        store.count_inferences().await.unwrap() < 50,
-        "the slow store cannot have caught up yet"
-    );
+    assert!(store.count_inferences().await.unwrap() < 50, "the slow store cannot have caught up yet");
     recorder.flush().await.unwrap();
     assert_eq!(store.count_inferences().await.unwrap(), 50);
     recorder.shutdown().await.unwrap();
@@ -200,17 +164,8 @@ async fn after_shutdown_record_and_flush_are_closed() {
         let recorder = Recorder::spawn(Arc::new(store.clone()), mode, 4, None);
         recorder.record(rec(some_inference())).await.unwrap();
         recorder.shutdown().await.unwrap();
-        assert!(
-            matches!(
-                recorder.record(rec(some_inference())).await,
-                Err(StoreError::Closed)
-            ),
-            "{mode:?}"
-        );
-        assert!(
-            matches!(recorder.flush().await, Err(StoreError::Closed)),
-            "{mode:?}"
-        );
+        assert!(matches!(recorder.record(rec(some_inference())).await, Err(StoreError::Closed)), "{mode:?}");
+        assert!(matches!(recorder.flush().await, Err(StoreError::Closed)), "{mode:?}");
         recorder.shutdown().await.unwrap();
         assert_eq!(store.count_inferences().await.unwrap(), 1);
     }
@@ -241,12 +196,7 @@ async fn a_bad_record_fails_alone_not_its_batch() {
     store.write_batch(&[rec(existing.clone())]).await.unwrap();
     // The slow first commit lets everything else pile up into one batch with the duplicate.
     let faulty = Faulty::new(store.clone(), Duration::from_millis(30), 0);
-    let recorder = Arc::new(Recorder::spawn(
-        faulty.clone(),
-        WriteMode::Durable,
-        100,
-        None,
-    ));
+    let recorder = Arc::new(Recorder::spawn(faulty.clone(), WriteMode::Durable, 100, None));
     let first = tokio::spawn({
         let recorder = recorder.clone();
         async move { recorder.record(rec(some_inference())).await }
@@ -266,10 +216,7 @@ async fn a_bad_record_fails_alone_not_its_batch() {
     for (record, task) in records.iter().zip(tasks) {
         let result = task.await.unwrap();
         if record.id == existing.id {
-            assert!(
-                matches!(result, Err(StoreError::Database(_))),
-                "the duplicate keeps its own error: {result:?}"
-            );
+            assert!(matches!(result, Err(StoreError::Database(_))), "the duplicate keeps its own error: {result:?}");
         } else {
             result.unwrap();
         }
@@ -327,15 +274,8 @@ async fn async_records_that_cannot_be_written_are_reported_by_flush() {
     let recorder = Recorder::spawn(faulty.clone(), WriteMode::Async, 100, None);
     recorder.record(rec(some_inference())).await.unwrap();
     let err = recorder.flush().await.unwrap_err();
-    assert!(
-        matches!(&err, StoreError::Batch(message) if message.starts_with("1 queued record")),
-        "{err}"
-    );
-    assert_eq!(
-        faulty.attempts.load(Ordering::SeqCst),
-        4,
-        "one attempt and three retries"
-    );
+    assert!(matches!(&err, StoreError::Batch(message) if message.starts_with("1 queued record")), "{err}");
+    assert_eq!(faulty.attempts.load(Ordering::SeqCst), 4, "one attempt and three retries");
     // Reported once: the next flush covers only what came after.
     recorder.flush().await.unwrap();
     recorder.shutdown().await.unwrap();
@@ -347,21 +287,9 @@ async fn invalid_records_are_refused_before_queueing() {
         let (_dir, store) = temp_store(mode).await;
         let batches = Batches::default();
         let recorder = Recorder::spawn(Arc::new(store.clone()), mode, 4, Some(batches.observer()));
-        let bad = InferenceRecord {
-            latency_ms: f64::NAN,
-            ..some_inference()
-        };
-        assert!(
-            matches!(
-                recorder.record(rec(bad)).await,
-                Err(StoreError::Invalid { .. })
-            ),
-            "{mode:?}"
-        );
+        let bad = InferenceRecord { latency_ms: f64::NAN, ..some_inference() };
+        assert!(matches!(recorder.record(rec(bad)).await, Err(StoreError::Invalid { .. })), "{mode:?}");
         recorder.shutdown().await.unwrap();
-        assert!(
-            batches.sizes().is_empty(),
-            "{mode:?}: nothing reached the store"
-        );
+        assert!(batches.sizes().is_empty(), "{mode:?}: nothing reached the store");
     }
 }

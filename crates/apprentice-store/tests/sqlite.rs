@@ -3,9 +3,7 @@
 mod common;
 
 use apprentice_core::config::WriteMode;
-use apprentice_core::{
-    new_id, ContentBlock, FeedbackValue, InferenceOutput, JsonOutput, MetricLevel,
-};
+use apprentice_core::{new_id, ContentBlock, FeedbackValue, InferenceOutput, JsonOutput, MetricLevel};
 use apprentice_store::{InferenceQuery, SqliteStore, Store, StoreError};
 use common::*;
 use serde_json::json;
@@ -17,20 +15,10 @@ async fn inference_roundtrip_keeps_every_field() {
     let json_output = json_inference();
     let plain = inference("babyai::act", "student", new_id());
     assert!(chat.cost.is_some() && json_output.cost.is_none());
-    store
-        .write_batch(&[
-            rec(chat.clone()),
-            rec(json_output.clone()),
-            rec(plain.clone()),
-        ])
-        .await
-        .unwrap();
+    store.write_batch(&[rec(chat.clone()), rec(json_output.clone()), rec(plain.clone())]).await.unwrap();
 
     assert_eq!(store.inference(chat.id).await.unwrap(), Some(chat));
-    assert_eq!(
-        store.inference(json_output.id).await.unwrap(),
-        Some(json_output)
-    );
+    assert_eq!(store.inference(json_output.id).await.unwrap(), Some(json_output));
     assert_eq!(store.inference(plain.id).await.unwrap(), Some(plain));
     assert_eq!(store.inference(new_id()).await.unwrap(), None);
     assert_eq!(store.count_inferences().await.unwrap(), 3);
@@ -40,10 +28,7 @@ async fn inference_roundtrip_keeps_every_field() {
 async fn every_feedback_kind_roundtrips_oldest_first() {
     let (_dir, store) = temp_store(WriteMode::Durable).await;
     let target = inference("f", "v", new_id());
-    let demonstration = InferenceOutput::Json(JsonOutput {
-        raw: "{\"a\":1}".into(),
-        parsed: Some(json!({"a": 1})),
-    });
+    let demonstration = InferenceOutput::Json(JsonOutput { raw: "{\"a\":1}".into(), parsed: Some(json!({"a": 1})) });
     let values = [
         FeedbackValue::Boolean(true),
         FeedbackValue::Boolean(false),
@@ -51,22 +36,13 @@ async fn every_feedback_kind_roundtrips_oldest_first() {
         FeedbackValue::Float(1e300),
         FeedbackValue::Demonstration(demonstration),
         FeedbackValue::Demonstration(InferenceOutput::Chat {
-            content: vec![ContentBlock::Text {
-                text: "better answer".into(),
-            }],
+            content: vec![ContentBlock::Text { text: "better answer".into() }],
         }),
         FeedbackValue::Comment("too verbose, \"really\"".into()),
     ];
-    let on_inference: Vec<_> = values
-        .into_iter()
-        .map(|v| feedback(MetricLevel::Inference, target.id, "quality", v))
-        .collect();
-    let on_episode = feedback(
-        MetricLevel::Episode,
-        target.episode_id,
-        "success",
-        FeedbackValue::Boolean(true),
-    );
+    let on_inference: Vec<_> =
+        values.into_iter().map(|v| feedback(MetricLevel::Inference, target.id, "quality", v)).collect();
+    let on_episode = feedback(MetricLevel::Episode, target.episode_id, "success", FeedbackValue::Boolean(true));
 
     let mut batch = vec![rec(target.clone()), fb(on_episode.clone())];
     // Written newest first: reading back must still be oldest first.
@@ -74,10 +50,7 @@ async fn every_feedback_kind_roundtrips_oldest_first() {
     store.write_batch(&batch).await.unwrap();
 
     assert_eq!(store.feedback_for(target.id).await.unwrap(), on_inference);
-    assert_eq!(
-        store.feedback_for(target.episode_id).await.unwrap(),
-        vec![on_episode]
-    );
+    assert_eq!(store.feedback_for(target.episode_id).await.unwrap(), vec![on_episode]);
     assert!(store.feedback_for(new_id()).await.unwrap().is_empty());
 }
 
@@ -86,30 +59,10 @@ async fn feedback_kind_and_scalar_value_are_queryable_in_sql() {
     let (_dir, store) = temp_store(WriteMode::Durable).await;
     let episode = new_id();
     let batch = [
-        fb(feedback(
-            MetricLevel::Episode,
-            episode,
-            "success",
-            FeedbackValue::Boolean(true),
-        )),
-        fb(feedback(
-            MetricLevel::Episode,
-            new_id(),
-            "success",
-            FeedbackValue::Boolean(false),
-        )),
-        fb(feedback(
-            MetricLevel::Episode,
-            episode,
-            "reward",
-            FeedbackValue::Float(0.75),
-        )),
-        fb(feedback(
-            MetricLevel::Episode,
-            episode,
-            "note",
-            FeedbackValue::Comment("ok".into()),
-        )),
+        fb(feedback(MetricLevel::Episode, episode, "success", FeedbackValue::Boolean(true))),
+        fb(feedback(MetricLevel::Episode, new_id(), "success", FeedbackValue::Boolean(false))),
+        fb(feedback(MetricLevel::Episode, episode, "reward", FeedbackValue::Float(0.75))),
+        fb(feedback(MetricLevel::Episode, episode, "note", FeedbackValue::Comment("ok".into()))),
     ];
     store.write_batch(&batch).await.unwrap();
 
@@ -126,11 +79,10 @@ async fn feedback_kind_and_scalar_value_are_queryable_in_sql() {
             .await
             .unwrap();
     assert_eq!((value.as_str(), value_num), ("0.75", 0.75));
-    let comment_num: Option<f64> =
-        sqlx::query_scalar("SELECT value_num FROM feedback WHERE kind = 'comment'")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
+    let comment_num: Option<f64> = sqlx::query_scalar("SELECT value_num FROM feedback WHERE kind = 'comment'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
     assert_eq!(comment_num, None);
 }
 
@@ -145,10 +97,7 @@ async fn an_inference_registers_its_episode_once() {
     store.write_batch(&[rec(second)]).await.unwrap();
 
     assert!(store.episode_exists(episode).await.unwrap());
-    assert!(
-        !store.episode_exists(first.id).await.unwrap(),
-        "an inference id is not an episode"
-    );
+    assert!(!store.episode_exists(first.id).await.unwrap(), "an inference id is not an episode");
     let (function_name, created_at): (String, String) =
         sqlx::query_as("SELECT function_name, created_at FROM episodes WHERE id = ?")
             .bind(episode.to_string())
@@ -156,12 +105,7 @@ async fn an_inference_registers_its_episode_once() {
             .await
             .unwrap();
     assert_eq!(function_name, "babyai::act");
-    assert_eq!(
-        created_at,
-        first
-            .created_at
-            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-    );
+    assert_eq!(created_at, first.created_at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true));
 }
 
 #[tokio::test]
@@ -178,54 +122,22 @@ async fn queries_filter_and_order_by_id() {
     // Stored out of order, so ordering comes from the query rather than insertion.
     let shuffled = [3, 0, 4, 2, 1].map(|i| rec(records[i].clone()));
     store.write_batch(&shuffled).await.unwrap();
-    let ids = |found: Vec<apprentice_core::InferenceRecord>| {
-        found.into_iter().map(|r| r.id).collect::<Vec<_>>()
-    };
+    let ids = |found: Vec<apprentice_core::InferenceRecord>| found.into_iter().map(|r| r.id).collect::<Vec<_>>();
     let expect = |indexes: &[usize]| indexes.iter().map(|&i| records[i].id).collect::<Vec<_>>();
 
     let all = store.inferences(&InferenceQuery::default()).await.unwrap();
     assert_eq!(ids(all), expect(&[0, 1, 2, 3, 4]));
-    let act = InferenceQuery {
-        function_name: Some("act".into()),
-        ..Default::default()
-    };
-    assert_eq!(
-        ids(store.inferences(&act).await.unwrap()),
-        expect(&[0, 1, 3, 4])
-    );
-    let teacher_act = InferenceQuery {
-        variant_name: Some("teacher".into()),
-        ..act.clone()
-    };
-    assert_eq!(
-        ids(store.inferences(&teacher_act).await.unwrap()),
-        expect(&[0, 3, 4])
-    );
-    let in_e1 = InferenceQuery {
-        episode_id: Some(e1),
-        ..teacher_act.clone()
-    };
-    assert_eq!(
-        ids(store.inferences(&in_e1).await.unwrap()),
-        expect(&[0, 4])
-    );
-    let first_two = InferenceQuery {
-        limit: Some(2),
-        ..act.clone()
-    };
-    assert_eq!(
-        ids(store.inferences(&first_two).await.unwrap()),
-        expect(&[0, 1])
-    );
-    let huge_limit = InferenceQuery {
-        limit: Some(u64::MAX),
-        ..Default::default()
-    };
+    let act = InferenceQuery { function_name: Some("act".into()), ..Default::default() };
+    assert_eq!(ids(store.inferences(&act).await.unwrap()), expect(&[0, 1, 3, 4]));
+    let teacher_act = InferenceQuery { variant_name: Some("teacher".into()), ..act.clone() };
+    assert_eq!(ids(store.inferences(&teacher_act).await.unwrap()), expect(&[0, 3, 4]));
+    let in_e1 = InferenceQuery { episode_id: Some(e1), ..teacher_act.clone() };
+    assert_eq!(ids(store.inferences(&in_e1).await.unwrap()), expect(&[0, 4]));
+    let first_two = InferenceQuery { limit: Some(2), ..act.clone() };
+    assert_eq!(ids(store.inferences(&first_two).await.unwrap()), expect(&[0, 1]));
+    let huge_limit = InferenceQuery { limit: Some(u64::MAX), ..Default::default() };
     assert_eq!(store.inferences(&huge_limit).await.unwrap().len(), 5);
-    let none = InferenceQuery {
-        function_name: Some("unknown".into()),
-        ..Default::default()
-    };
+    let none = InferenceQuery { function_name: Some("unknown".into()), ..Default::default() };
     assert!(store.inferences(&none).await.unwrap().is_empty());
 }
 
@@ -235,40 +147,20 @@ async fn a_failing_batch_writes_nothing() {
     let kept = inference("f", "v", new_id());
     store.write_batch(&[rec(kept.clone())]).await.unwrap();
     let fresh = inference("f", "v", new_id());
-    let err = store
-        .write_batch(&[rec(fresh.clone()), rec(kept)])
-        .await
-        .unwrap_err();
+    let err = store.write_batch(&[rec(fresh.clone()), rec(kept)]).await.unwrap_err();
     assert!(matches!(err, StoreError::Database(_)), "{err}");
     assert_eq!(store.inference(fresh.id).await.unwrap(), None);
-    assert!(
-        !store.episode_exists(fresh.episode_id).await.unwrap(),
-        "the episode insert was rolled back too"
-    );
+    assert!(!store.episode_exists(fresh.episode_id).await.unwrap(), "the episode insert was rolled back too");
 }
 
 #[tokio::test]
 async fn non_finite_numbers_are_refused_before_writing() {
     let (_dir, store) = temp_store(WriteMode::Durable).await;
-    let bad = apprentice_core::InferenceRecord {
-        ttft_ms: Some(f64::NAN),
-        ..inference("f", "v", new_id())
-    };
+    let bad = apprentice_core::InferenceRecord { ttft_ms: Some(f64::NAN), ..inference("f", "v", new_id()) };
     let err = store.write_batch(&[rec(bad.clone())]).await.unwrap_err();
-    assert!(
-        matches!(&err, StoreError::Invalid { id, .. } if *id == bad.id.to_string()),
-        "{err}"
-    );
-    let bad = feedback(
-        MetricLevel::Episode,
-        new_id(),
-        "reward",
-        FeedbackValue::Float(f64::INFINITY),
-    );
-    assert!(matches!(
-        store.write_batch(&[fb(bad)]).await,
-        Err(StoreError::Invalid { .. })
-    ));
+    assert!(matches!(&err, StoreError::Invalid { id, .. } if *id == bad.id.to_string()), "{err}");
+    let bad = feedback(MetricLevel::Episode, new_id(), "reward", FeedbackValue::Float(f64::INFINITY));
+    assert!(matches!(store.write_batch(&[fb(bad)]).await, Err(StoreError::Invalid { .. })));
     assert_eq!(store.count_inferences().await.unwrap(), 0);
 }
 
@@ -284,15 +176,11 @@ async fn reopening_runs_migrations_idempotently_and_keeps_data() {
     }
     for mode in [WriteMode::Async, WriteMode::Durable] {
         let store = SqliteStore::open(&path, mode).await.unwrap();
-        assert_eq!(
-            store.inference(record.id).await.unwrap(),
-            Some(record.clone())
-        );
-        let applied: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
-                .fetch_one(store.pool())
-                .await
-                .unwrap();
+        assert_eq!(store.inference(record.id).await.unwrap(), Some(record.clone()));
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
         assert_eq!(applied, 1);
         store.close().await;
     }
@@ -311,25 +199,13 @@ async fn open_creates_the_file_and_sets_durability_pragmas() {
             connections.push(store.pool().acquire().await.unwrap());
         }
         for conn in &mut connections {
-            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-                .fetch_one(&mut **conn)
-                .await
-                .unwrap();
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut **conn).await.unwrap();
             assert_eq!(journal, "wal");
-            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(&mut **conn)
-                .await
-                .unwrap();
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut **conn).await.unwrap();
             assert_eq!(sync, synchronous, "{mode:?}: 2 is FULL, 1 is NORMAL");
-            let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-                .fetch_one(&mut **conn)
-                .await
-                .unwrap();
+            let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(&mut **conn).await.unwrap();
             assert_eq!(fk, 1);
-            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-                .fetch_one(&mut **conn)
-                .await
-                .unwrap();
+            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout").fetch_one(&mut **conn).await.unwrap();
             assert_eq!(busy, 5000);
         }
     }
@@ -341,37 +217,20 @@ async fn corrupt_rows_are_reported_with_their_id() {
     let good = inference("f", "v", new_id());
     let bad = inference("f", "v", new_id());
     let target = new_id();
-    let bad_feedback = feedback(
-        MetricLevel::Episode,
-        target,
-        "m",
-        FeedbackValue::Boolean(true),
-    );
-    store
-        .write_batch(&[
-            rec(good.clone()),
-            rec(bad.clone()),
-            fb(bad_feedback.clone()),
-        ])
+    let bad_feedback = feedback(MetricLevel::Episode, target, "m", FeedbackValue::Boolean(true));
+    store.write_batch(&[rec(good.clone()), rec(bad.clone()), fb(bad_feedback.clone())]).await.unwrap();
+    sqlx::query("UPDATE inferences SET output = '{\"type\": \"chat\", \"content\": [' WHERE id = ?")
+        .bind(bad.id.to_string())
+        .execute(store.pool())
         .await
         .unwrap();
-    sqlx::query(
-        "UPDATE inferences SET output = '{\"type\": \"chat\", \"content\": [' WHERE id = ?",
-    )
-    .bind(bad.id.to_string())
-    .execute(store.pool())
-    .await
-    .unwrap();
     sqlx::query("UPDATE feedback SET value = '\"yes\"' WHERE id = ?")
         .bind(bad_feedback.id.to_string())
         .execute(store.pool())
         .await
         .unwrap();
 
-    let is_about = |err: &StoreError,
-                    expected_what: &str,
-                    expected_id: uuid::Uuid,
-                    column: &str| match err {
+    let is_about = |err: &StoreError, expected_what: &str, expected_id: uuid::Uuid, column: &str| match err {
         StoreError::Corrupt { what, id, message } => {
             *what == expected_what && *id == expected_id.to_string() && message.starts_with(column)
         }
@@ -379,25 +238,12 @@ async fn corrupt_rows_are_reported_with_their_id() {
     };
     let err = store.inference(bad.id).await.unwrap_err();
     assert!(is_about(&err, "inference", bad.id, "output"), "{err}");
-    let err = store
-        .inferences(&InferenceQuery::default())
-        .await
-        .unwrap_err();
+    let err = store.inferences(&InferenceQuery::default()).await.unwrap_err();
     assert!(is_about(&err, "inference", bad.id, "output"), "{err}");
-    assert!(
-        err.to_string().contains(&bad.id.to_string()),
-        "the message names the row: {err}"
-    );
+    assert!(err.to_string().contains(&bad.id.to_string()), "the message names the row: {err}");
     let err = store.feedback_for(target).await.unwrap_err();
-    assert!(
-        is_about(&err, "feedback", bad_feedback.id, "value"),
-        "{err}"
-    );
-    assert_eq!(
-        store.inference(good.id).await.unwrap(),
-        Some(good),
-        "other rows still read"
-    );
+    assert!(is_about(&err, "feedback", bad_feedback.id, "value"), "{err}");
+    assert_eq!(store.inference(good.id).await.unwrap(), Some(good), "other rows still read");
 }
 
 #[tokio::test]
@@ -416,21 +262,13 @@ async fn rows_with_wrong_column_types_are_corrupt_not_panics() {
         // Foreign keys would refuse a bad episode id, as they should; this simulates damage. The
         // pragma is per connection, so the update must run on the same one.
         let mut conn = store.pool().acquire().await.unwrap();
-        sqlx::query("PRAGMA foreign_keys = OFF")
+        sqlx::query("PRAGMA foreign_keys = OFF").execute(&mut *conn).await.unwrap();
+        sqlx::query(&format!("UPDATE inferences SET {column} = {value} WHERE id = ?"))
+            .bind(fresh.id.to_string())
             .execute(&mut *conn)
             .await
             .unwrap();
-        sqlx::query(&format!(
-            "UPDATE inferences SET {column} = {value} WHERE id = ?"
-        ))
-        .bind(fresh.id.to_string())
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-        sqlx::query("PRAGMA foreign_keys = ON")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
+        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await.unwrap();
         drop(conn);
         let err = store.inference(fresh.id).await.unwrap_err();
         assert!(

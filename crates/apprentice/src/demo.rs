@@ -47,7 +47,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let url = server.url();
 
-    let bar = ProgressBar::new(args.episodes as u64).with_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} episodes")?.progress_chars("=> "));
+    let bar = ProgressBar::new(args.episodes as u64)
+        .with_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} episodes")?.progress_chars("=> "));
     bar.set_message("recording");
     for episode in 0..args.episodes {
         run_episode(&client, &url, episode).await.with_context(|| format!("episode {episode}"))?;
@@ -92,10 +93,20 @@ async fn run_episode(client: &reqwest::Client, url: &str, episode: usize) -> any
         messages.push(json!({"role": "assistant", "content": reply.clone()}));
         // A stand-in for a human rating: longer answers count as more helpful.
         let helpfulness = (reply.split_whitespace().count() as f64 / 12.0).min(1.0);
-        post(client, &format!("{url}/feedback"), &json!({"metric_name": "helpfulness", "inference_id": inference_id, "value": helpfulness})).await?;
+        post(
+            client,
+            &format!("{url}/feedback"),
+            &json!({"metric_name": "helpfulness", "inference_id": inference_id, "value": helpfulness}),
+        )
+        .await?;
     }
-    let resolved = episode % 3 != 0;
-    post(client, &format!("{url}/feedback"), &json!({"metric_name": "resolved", "episode_id": episode_id, "value": resolved})).await?;
+    let resolved = !episode.is_multiple_of(3);
+    post(
+        client,
+        &format!("{url}/feedback"),
+        &json!({"metric_name": "resolved", "episode_id": episode_id, "value": resolved}),
+    )
+    .await?;
     Ok(())
 }
 
@@ -110,7 +121,10 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Resu
 }
 
 async fn summarize(gateway: &Gateway) -> anyhow::Result<BTreeMap<String, VariantSummary>> {
-    let inferences = gateway.store.inferences(&InferenceQuery { function_name: Some("support::reply".into()), ..Default::default() }).await?;
+    let inferences = gateway
+        .store
+        .inferences(&InferenceQuery { function_name: Some("support::reply".into()), ..Default::default() })
+        .await?;
     let mut summary: BTreeMap<String, VariantSummary> = BTreeMap::new();
     let mut helpfulness: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut episodes: BTreeMap<String, BTreeMap<uuid::Uuid, bool>> = BTreeMap::new();
@@ -125,9 +139,9 @@ async fn summarize(gateway: &Gateway) -> anyhow::Result<BTreeMap<String, Variant
             }
         }
         let seen = episodes.entry(inference.variant_name.clone()).or_default();
-        if !seen.contains_key(&inference.episode_id) {
-            let resolved = gateway.store.feedback_for(inference.episode_id).await?.iter().any(|f| f.value == FeedbackValue::Boolean(true));
-            seen.insert(inference.episode_id, resolved);
+        if let std::collections::btree_map::Entry::Vacant(slot) = seen.entry(inference.episode_id) {
+            let feedback = gateway.store.feedback_for(inference.episode_id).await?;
+            slot.insert(feedback.iter().any(|f| f.value == FeedbackValue::Boolean(true)));
         }
     }
     for (variant, row) in summary.iter_mut() {
@@ -142,7 +156,10 @@ async fn summarize(gateway: &Gateway) -> anyhow::Result<BTreeMap<String, Variant
 }
 
 fn print_table(summary: &BTreeMap<String, VariantSummary>) {
-    println!("\n{:<10} {:>10} {:>9} {:>9} {:>12} {:>12} {:>12}", "variant", "inferences", "episodes", "resolved", "latency ms", "cost", "helpfulness");
+    println!(
+        "\n{:<10} {:>10} {:>9} {:>9} {:>12} {:>12} {:>12}",
+        "variant", "inferences", "episodes", "resolved", "latency ms", "cost", "helpfulness"
+    );
     for (variant, row) in summary {
         println!(
             "{:<10} {:>10} {:>9} {:>9} {:>12.3} {:>12.6} {:>12}",

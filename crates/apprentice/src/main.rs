@@ -12,7 +12,11 @@ use apprentice_core::Config;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "apprentice", version, about = "Record an expensive model's work, curate it, and train a small model that does the job")]
+#[command(
+    name = "apprentice",
+    version,
+    about = "Record an expensive model's work, curate it, and train a small model that does the job"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,7 +86,9 @@ impl From<Mode> for WriteMode {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("APPRENTICE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("APPRENTICE_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -116,7 +122,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args).await,
-        Command::Bench { bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json } } => {
+        Command::Bench {
+            bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json },
+        } => {
             let store_dir = tempfile::tempdir().context("cannot create a scratch folder for the bench store")?;
             let options = apprentice_gateway::bench::BenchOptions {
                 rate,
@@ -130,7 +138,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let report = apprentice_gateway::bench::run_gateway_bench(&options).await?;
             println!("{}", report.table());
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
             }
             Ok(())
         }

@@ -66,7 +66,13 @@ async fn sigkill_right_after_acknowledging_loses_nothing() {
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= acked_at_kill.len() && acked.len() >= 300);
     let missing = missing_from_store(&served.db, &acked).await;
-    assert!(missing.is_empty(), "{} of {} acknowledged inferences lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged inferences lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +80,8 @@ async fn sigterm_flushes_the_async_queue() {
     let dir = tempfile::tempdir().unwrap();
     let mut served = common::serve(dir.path(), &common::config("async"));
     let (acked, workers) = load_until(&served.url, 300).await;
-    let status = std::process::Command::new("kill").args(["-TERM", &served.child.id().to_string()]).status().expect("run kill");
+    let status =
+        std::process::Command::new("kill").args(["-TERM", &served.child.id().to_string()]).status().expect("run kill");
     assert!(status.success());
     let exit = served.child.wait().expect("wait for graceful exit");
     assert!(exit.success(), "gateway exited with {exit:?} after SIGTERM");
@@ -83,5 +90,11 @@ async fn sigterm_flushes_the_async_queue() {
     }
     let acked = acked.lock().unwrap().clone();
     let missing = missing_from_store(&served.db, &acked).await;
-    assert!(missing.is_empty(), "{} of {} acknowledged inferences lost in async mode: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged inferences lost in async mode: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
 }

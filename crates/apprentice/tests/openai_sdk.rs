@@ -25,10 +25,12 @@ async fn openai_python_sdk_calls_are_recorded() {
     let episode = apprentice_core::new_id();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_sdk.py");
     let url = served.url.clone();
-    let output = tokio::task::spawn_blocking(move || std::process::Command::new(python()).args([script, &url, &episode.to_string()]).output())
-        .await
-        .unwrap()
-        .expect("run the SDK script");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python()).args([script, &url, &episode.to_string()]).output()
+    })
+    .await
+    .unwrap()
+    .expect("run the SDK script");
     served.child.kill().ok();
     served.child.wait().ok();
     assert!(output.status.success(), "SDK script failed:\n{}", String::from_utf8_lossy(&output.stderr));
@@ -42,7 +44,8 @@ async fn openai_python_sdk_calls_are_recorded() {
     assert!(seen["streamed_usage"].as_u64().unwrap() > 0, "the final stream chunk carries usage: {seen}");
 
     let store = SqliteStore::open(&served.db, WriteMode::Durable).await.unwrap();
-    let episode_calls = store.inferences(&InferenceQuery { episode_id: Some(episode), ..Default::default() }).await.unwrap();
+    let episode_calls =
+        store.inferences(&InferenceQuery { episode_id: Some(episode), ..Default::default() }).await.unwrap();
     assert_eq!(episode_calls.len(), 2, "both SDK calls of the episode are recorded");
     let plain = &episode_calls[0];
     assert_eq!(plain.id.to_string(), seen["plain_id"].as_str().unwrap());
@@ -53,7 +56,14 @@ async fn openai_python_sdk_calls_are_recorded() {
     }
     let streamed = &episode_calls[1];
     assert_eq!(streamed.id.to_string(), seen["streamed_id"].as_str().unwrap());
-    assert_eq!(streamed.output, InferenceOutput::Chat { content: vec![ContentBlock::Text { text: "You see a blue key.".into() }] });
+    assert_eq!(
+        streamed.output,
+        InferenceOutput::Chat { content: vec![ContentBlock::Text { text: "You see a blue key.".into() }] }
+    );
     assert!(streamed.ttft_ms.is_some());
-    assert_eq!(store.count_inferences().await.unwrap(), 3, "plain + streamed + direct; the failed call is not recorded");
+    assert_eq!(
+        store.count_inferences().await.unwrap(),
+        3,
+        "plain + streamed + direct; the failed call is not recorded"
+    );
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use apprentice_core::config::{FunctionKind, MetricType};
 use apprentice_core::{
-    new_id, ContentBlock, FeedbackRecord, FeedbackValue, Input, InferenceOutput, InferenceRecord, JsonOutput, MetricLevel,
+    new_id, ContentBlock, FeedbackRecord, FeedbackValue, InferenceOutput, InferenceRecord, Input, JsonOutput,
+    MetricLevel,
 };
 use apprentice_store::Record;
 use axum::body::Bytes;
@@ -46,8 +47,16 @@ pub async fn inference(State(gateway): State<Arc<Gateway>>, body: Bytes) -> Resu
     let target = match (request.function_name, request.model_name) {
         (Some(function), None) => Target::Function(function),
         (None, Some(model)) => Target::Model(model),
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("invalid_request", "model_name", "give function_name or model_name, not both")),
-        (None, None) => return Err(ApiError::bad_request("invalid_request", "function_name", "give function_name or model_name")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "model_name",
+                "give function_name or model_name, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request("invalid_request", "function_name", "give function_name or model_name"))
+        }
     };
     let prepared = gateway.prepare(InferenceRequest {
         target,
@@ -62,7 +71,8 @@ pub async fn inference(State(gateway): State<Arc<Gateway>>, body: Bytes) -> Resu
     })?;
     if request.stream {
         let routed = gateway.call_stream(&prepared).await?;
-        return Ok(stream::respond(gateway.clone(), prepared, routed.provider_name, routed.value, NativeStream).into_response());
+        return Ok(stream::respond(gateway.clone(), prepared, routed.provider_name, routed.value, NativeStream)
+            .into_response());
     }
     let routed = gateway.call(&prepared).await?;
     let completed = gateway.finish(prepared, routed.provider_name, routed.value, None).await?;
@@ -94,7 +104,8 @@ impl StreamFormat for NativeStream {
             "variant_name": prepared.variant_name,
         });
         if prepared.kind == FunctionKind::Json {
-            let raw: String = chunk.text.iter().cloned().chain(chunk.tool_calls.iter().map(|d| d.arguments.clone())).collect();
+            let raw: String =
+                chunk.text.iter().cloned().chain(chunk.tool_calls.iter().map(|d| d.arguments.clone())).collect();
             if raw.is_empty() {
                 return None;
             }
@@ -177,17 +188,35 @@ fn target_of(gateway: &Gateway, request: &NativeFeedback) -> Result<(MetricLevel
                 .config
                 .metrics
                 .get(name)
-                .ok_or_else(|| ApiError::not_found("unknown_metric", "metric_name", format!("no metric named `{name}` in the configuration")))?
+                .ok_or_else(|| {
+                    ApiError::not_found(
+                        "unknown_metric",
+                        "metric_name",
+                        format!("no metric named `{name}` in the configuration"),
+                    )
+                })?
                 .level,
         ),
     };
     match (level, request.inference_id, request.episode_id) {
-        (_, Some(_), Some(_)) => Err(ApiError::bad_request("invalid_request", "episode_id", "give inference_id or episode_id, not both")),
+        (_, Some(_), Some(_)) => {
+            Err(ApiError::bad_request("invalid_request", "episode_id", "give inference_id or episode_id, not both"))
+        }
         (Some(MetricLevel::Inference) | None, Some(id), None) => Ok((MetricLevel::Inference, id)),
         (Some(MetricLevel::Episode) | None, None, Some(id)) => Ok((MetricLevel::Episode, id)),
-        (Some(MetricLevel::Inference), None, _) => Err(ApiError::bad_request("wrong_level", "inference_id", format!("metric `{name}` is inference-level: give inference_id"))),
-        (Some(MetricLevel::Episode), _, None) => Err(ApiError::bad_request("wrong_level", "episode_id", format!("metric `{name}` is episode-level: give episode_id"))),
-        (None, None, None) => Err(ApiError::bad_request("invalid_request", "inference_id", "give inference_id or episode_id")),
+        (Some(MetricLevel::Inference), None, _) => Err(ApiError::bad_request(
+            "wrong_level",
+            "inference_id",
+            format!("metric `{name}` is inference-level: give inference_id"),
+        )),
+        (Some(MetricLevel::Episode), _, None) => Err(ApiError::bad_request(
+            "wrong_level",
+            "episode_id",
+            format!("metric `{name}` is episode-level: give episode_id"),
+        )),
+        (None, None, None) => {
+            Err(ApiError::bad_request("invalid_request", "inference_id", "give inference_id or episode_id"))
+        }
     }
 }
 
@@ -198,7 +227,11 @@ async fn find_inference(gateway: &Gateway, id: Uuid) -> Result<InferenceRecord, 
         return Ok(found);
     }
     gateway.recorder.flush().await?;
-    gateway.store.inference(id).await?.ok_or_else(|| ApiError::not_found("unknown_inference", "inference_id", format!("no inference with id {id}")))
+    gateway
+        .store
+        .inference(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("unknown_inference", "inference_id", format!("no inference with id {id}")))
 }
 
 async fn ensure_episode(gateway: &Gateway, id: Uuid) -> Result<(), ApiError> {
@@ -212,20 +245,39 @@ async fn ensure_episode(gateway: &Gateway, id: Uuid) -> Result<(), ApiError> {
     Err(ApiError::not_found("unknown_episode", "episode_id", format!("no episode with id {id}")))
 }
 
-fn feedback_value(gateway: &Gateway, request: &NativeFeedback, inference: Option<&InferenceRecord>) -> Result<FeedbackValue, ApiError> {
+fn feedback_value(
+    gateway: &Gateway,
+    request: &NativeFeedback,
+    inference: Option<&InferenceRecord>,
+) -> Result<FeedbackValue, ApiError> {
     let wrong_type = |expected: &str| {
-        ApiError::bad_request("invalid_value", "value", format!("metric `{}` takes {expected}, got {}", request.metric_name, kind_of(&request.value)))
+        ApiError::bad_request(
+            "invalid_value",
+            "value",
+            format!("metric `{}` takes {expected}, got {}", request.metric_name, kind_of(&request.value)),
+        )
     };
     match request.metric_name.as_str() {
-        "comment" => request.value.as_str().map(|s| FeedbackValue::Comment(s.to_string())).ok_or_else(|| wrong_type("a string")),
+        "comment" => {
+            request.value.as_str().map(|s| FeedbackValue::Comment(s.to_string())).ok_or_else(|| wrong_type("a string"))
+        }
         "demonstration" => {
             // target_of guarantees an inference for demonstrations.
-            let inference = inference.ok_or_else(|| ApiError::bad_request("wrong_level", "inference_id", "a demonstration needs inference_id"))?;
+            let inference = inference.ok_or_else(|| {
+                ApiError::bad_request("wrong_level", "inference_id", "a demonstration needs inference_id")
+            })?;
             demonstration(gateway, inference, &request.value).map(FeedbackValue::Demonstration)
         }
         name => match gateway.config.metrics.get(name).map(|m| m.kind) {
-            Some(MetricType::Boolean) => request.value.as_bool().map(FeedbackValue::Boolean).ok_or_else(|| wrong_type("a boolean")),
-            Some(MetricType::Float) => request.value.as_f64().filter(|v| v.is_finite()).map(FeedbackValue::Float).ok_or_else(|| wrong_type("a finite number")),
+            Some(MetricType::Boolean) => {
+                request.value.as_bool().map(FeedbackValue::Boolean).ok_or_else(|| wrong_type("a boolean"))
+            }
+            Some(MetricType::Float) => request
+                .value
+                .as_f64()
+                .filter(|v| v.is_finite())
+                .map(FeedbackValue::Float)
+                .ok_or_else(|| wrong_type("a finite number")),
             None => Err(ApiError::not_found("unknown_metric", "metric_name", format!("no metric named `{name}`"))),
         },
     }
@@ -239,19 +291,42 @@ fn demonstration(gateway: &Gateway, inference: &InferenceRecord, value: &Value) 
     match kind {
         FunctionKind::Json => {
             if let Some(schema) = function.and_then(|f| f.output_schema.as_ref()) {
-                schema.validate(value).map_err(|e| ApiError::bad_request("invalid_value", "value", format!("demonstration does not match the output schema: {e}")))?;
+                schema.validate(value).map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_value",
+                        "value",
+                        format!("demonstration does not match the output schema: {e}"),
+                    )
+                })?;
             }
             Ok(InferenceOutput::Json(JsonOutput { raw: value.to_string(), parsed: Some(value.clone()) }))
         }
         FunctionKind::Chat => {
             let content = match value {
                 Value::String(text) => vec![ContentBlock::Text { text: text.clone() }],
-                Value::Array(_) => serde_json::from_value::<Vec<ContentBlock>>(value.clone())
-                    .map_err(|e| ApiError::bad_request("invalid_value", "value", format!("demonstration is not a list of content blocks: {e}")))?,
-                other => return Err(ApiError::bad_request("invalid_value", "value", format!("a chat demonstration is text or a list of content blocks, got {}", kind_of(other)))),
+                Value::Array(_) => serde_json::from_value::<Vec<ContentBlock>>(value.clone()).map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_value",
+                        "value",
+                        format!("demonstration is not a list of content blocks: {e}"),
+                    )
+                })?,
+                other => {
+                    return Err(ApiError::bad_request(
+                        "invalid_value",
+                        "value",
+                        format!("a chat demonstration is text or a list of content blocks, got {}", kind_of(other)),
+                    ))
+                }
             };
-            if let Some(bad) = content.iter().position(|b| !matches!(b, ContentBlock::Text { .. } | ContentBlock::ToolCall(_))) {
-                return Err(ApiError::bad_request("invalid_value", format!("value[{bad}]"), "a demonstration holds only text and tool_call blocks"));
+            if let Some(bad) =
+                content.iter().position(|b| !matches!(b, ContentBlock::Text { .. } | ContentBlock::ToolCall(_)))
+            {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    format!("value[{bad}]"),
+                    "a demonstration holds only text and tool_call blocks",
+                ));
             }
             Ok(InferenceOutput::Chat { content })
         }

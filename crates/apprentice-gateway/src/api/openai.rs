@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use apprentice_core::config::{FunctionKind, ToolChoice};
 use apprentice_core::{
-    ContentBlock, Input, InferenceOutput, InferenceRecord, InputMessage, Role, SystemInput, ToolCall, ToolDefinition, ToolResult,
+    ContentBlock, InferenceOutput, InferenceRecord, Input, InputMessage, Role, SystemInput, ToolCall, ToolDefinition,
+    ToolResult,
 };
 use axum::body::Bytes;
 use axum::extract::State;
@@ -52,15 +53,22 @@ struct ChatCompletionRequest {
 #[serde(tag = "role", rename_all = "lowercase")]
 enum ChatMessage {
     #[serde(alias = "developer")]
-    System { content: ChatContent },
-    User { content: ChatContent },
+    System {
+        content: ChatContent,
+    },
+    User {
+        content: ChatContent,
+    },
     Assistant {
         #[serde(default)]
         content: Option<ChatContent>,
         #[serde(default)]
         tool_calls: Vec<ChatToolCall>,
     },
-    Tool { content: ChatContent, tool_call_id: String },
+    Tool {
+        content: ChatContent,
+        tool_call_id: String,
+    },
 }
 
 /// OpenAI content: a string or a list of parts. apprentice adds two shapes for structured input:
@@ -76,7 +84,9 @@ enum ChatContent {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ChatPart {
-    Text { text: String },
+    Text {
+        text: String,
+    },
     Template {
         #[serde(default)]
         name: String,
@@ -116,57 +126,79 @@ fn empty_object_schema() -> Value {
     json!({"type": "object", "properties": {}})
 }
 
-pub async fn chat_completions(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let request: ChatCompletionRequest = parse_body(&body)?;
     let target = parse_model(&gateway, &request.model)?;
     let episode_id = match request.episode_id {
         Some(id) => Some(id),
         None => header(&headers, "x-apprentice-episode-id")?
-            .map(|v| v.parse::<Uuid>().map_err(|e| ApiError::bad_request("invalid_request", "x-apprentice-episode-id", e.to_string())))
+            .map(|v| {
+                v.parse::<Uuid>()
+                    .map_err(|e| ApiError::bad_request("invalid_request", "x-apprentice-episode-id", e.to_string()))
+            })
             .transpose()?,
     };
     let tags = match request.tags {
         Some(tags) => tags,
         None => match header(&headers, "x-apprentice-tags")? {
-            Some(text) => serde_json::from_str(text).map_err(|e| ApiError::bad_request("invalid_request", "x-apprentice-tags", format!("must be a JSON object of strings: {e}")))?,
+            Some(text) => serde_json::from_str(text).map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_request",
+                    "x-apprentice-tags",
+                    format!("must be a JSON object of strings: {e}"),
+                )
+            })?,
             None => BTreeMap::new(),
         },
     };
     let variant_name = request.variant_name.or(header(&headers, "x-apprentice-variant-name")?.map(str::to_string));
-    let dryrun = request.dryrun.unwrap_or(header(&headers, "x-apprentice-dryrun")?.is_some_and(|v| v == "true" || v == "1"));
+    let dryrun =
+        request.dryrun.unwrap_or(header(&headers, "x-apprentice-dryrun")?.is_some_and(|v| v == "true" || v == "1"));
     let extra_tools = request
         .tools
         .into_iter()
-        .map(|t| ToolDefinition { name: t.function.name, description: t.function.description, parameters: t.function.parameters, strict: t.function.strict })
+        .map(|t| ToolDefinition {
+            name: t.function.name,
+            description: t.function.description,
+            parameters: t.function.parameters,
+            strict: t.function.strict,
+        })
         .collect();
 
-    let prepared = gateway.prepare(InferenceRequest {
-        target,
-        input: to_input(request.messages)?,
-        episode_id,
-        variant_name,
-        tags,
-        params: ParamOverrides {
-            temperature: request.temperature,
-            top_p: request.top_p,
-            max_tokens: request.max_completion_tokens.or(request.max_tokens),
-            seed: request.seed,
-        },
-        dryrun,
-        extra_tools,
-        tool_choice: request.tool_choice.as_ref().map(parse_tool_choice).transpose()?,
-    })
-    .map_err(|mut e| {
-        // This API names its target in `model`; point there rather than at the native fields.
-        if matches!(e.field.as_deref(), Some("function_name" | "model_name")) {
-            e.field = Some("model".into());
-        }
-        e
-    })?;
+    let prepared = gateway
+        .prepare(InferenceRequest {
+            target,
+            input: to_input(request.messages)?,
+            episode_id,
+            variant_name,
+            tags,
+            params: ParamOverrides {
+                temperature: request.temperature,
+                top_p: request.top_p,
+                max_tokens: request.max_completion_tokens.or(request.max_tokens),
+                seed: request.seed,
+            },
+            dryrun,
+            extra_tools,
+            tool_choice: request.tool_choice.as_ref().map(parse_tool_choice).transpose()?,
+        })
+        .map_err(|mut e| {
+            // This API names its target in `model`; point there rather than at the native fields.
+            if matches!(e.field.as_deref(), Some("function_name" | "model_name")) {
+                e.field = Some("model".into());
+            }
+            e
+        })?;
     if request.stream {
         let routed = gateway.call_stream(&prepared).await?;
         let format = OpenAiStream { model: request.model, created: unix_now(), sent_role: false };
-        return Ok(stream::respond(gateway.clone(), prepared, routed.provider_name, routed.value, format).into_response());
+        return Ok(
+            stream::respond(gateway.clone(), prepared, routed.provider_name, routed.value, format).into_response()
+        );
     }
     let routed = gateway.call(&prepared).await?;
     let completed = gateway.finish(prepared, routed.provider_name, routed.value, None).await?;
@@ -177,7 +209,8 @@ pub async fn chat_completions(State(gateway): State<Arc<Gateway>>, headers: Head
 pub async fn models(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
     let functions = gateway.config.functions.keys().map(|name| format!("function::{name}"));
     let models = gateway.config.models.keys().map(|name| format!("model::{name}"));
-    let data: Vec<Value> = functions.chain(models).map(|id| json!({"id": id, "object": "model", "owned_by": "apprentice"})).collect();
+    let data: Vec<Value> =
+        functions.chain(models).map(|id| json!({"id": id, "object": "model", "owned_by": "apprentice"})).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -191,7 +224,11 @@ fn parse_model(gateway: &Gateway, model: &str) -> Result<Target, ApiError> {
     if gateway.config.models.contains_key(model) {
         return Ok(Target::Model(model.to_string()));
     }
-    Err(ApiError::not_found("unknown_model", "model", format!("`{model}` is neither `function::NAME`, `model::NAME` nor a configured model")))
+    Err(ApiError::not_found(
+        "unknown_model",
+        "model",
+        format!("`{model}` is neither `function::NAME`, `model::NAME` nor a configured model"),
+    ))
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -206,7 +243,9 @@ fn parse_tool_choice(value: &Value) -> Result<ToolChoice, ApiError> {
         Some("auto") => Ok(ToolChoice::Auto),
         Some("none") => Ok(ToolChoice::None),
         Some("required") => Ok(ToolChoice::Required),
-        _ => Err(ApiError::bad_request("invalid_request", "tool_choice", "supported: \"auto\", \"none\", \"required\"")),
+        _ => {
+            Err(ApiError::bad_request("invalid_request", "tool_choice", "supported: \"auto\", \"none\", \"required\""))
+        }
     }
 }
 
@@ -218,14 +257,22 @@ fn to_input(messages: Vec<ChatMessage>) -> Result<Input, ApiError> {
         match message {
             ChatMessage::System { content } => {
                 if input.system.is_some() || !input.messages.is_empty() {
-                    return Err(ApiError::bad_request("invalid_request", format!("messages[{i}]"), "only one system message, and only first, is supported"));
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        format!("messages[{i}]"),
+                        "only one system message, and only first, is supported",
+                    ));
                 }
                 input.system = Some(match content {
                     ChatContent::Text(text) => SystemInput::Text(text),
                     ChatContent::Arguments(arguments) => SystemInput::Arguments(arguments),
                     ChatContent::Parts(parts) => match parts.as_slice() {
-                        [ChatPart::Template { arguments: Value::Object(arguments), .. }] => SystemInput::Arguments(arguments.clone()),
-                        _ => SystemInput::Text(parts.iter().map(part_text).collect::<Result<Vec<_>, _>>().map_err(|e| e.at(i))?.concat()),
+                        [ChatPart::Template { arguments: Value::Object(arguments), .. }] => {
+                            SystemInput::Arguments(arguments.clone())
+                        }
+                        _ => SystemInput::Text(
+                            parts.iter().map(part_text).collect::<Result<Vec<_>, _>>().map_err(|e| e.at(i))?.concat(),
+                        ),
                     },
                 });
             }
@@ -234,18 +281,28 @@ fn to_input(messages: Vec<ChatMessage>) -> Result<Input, ApiError> {
                 let mut content = content.map(blocks).unwrap_or_default();
                 for call in tool_calls {
                     tool_names.insert(call.id.clone(), call.function.name.clone());
-                    content.push(ContentBlock::ToolCall(ToolCall { id: call.id, name: call.function.name, arguments: call.function.arguments }));
+                    content.push(ContentBlock::ToolCall(ToolCall {
+                        id: call.id,
+                        name: call.function.name,
+                        arguments: call.function.arguments,
+                    }));
                 }
                 push(&mut input, Role::Assistant, content);
             }
             ChatMessage::Tool { content, tool_call_id } => {
                 let result = match content {
                     ChatContent::Text(text) => text,
-                    ChatContent::Parts(parts) => parts.iter().map(part_text).collect::<Result<Vec<_>, _>>().map_err(|e| e.at(i))?.concat(),
+                    ChatContent::Parts(parts) => {
+                        parts.iter().map(part_text).collect::<Result<Vec<_>, _>>().map_err(|e| e.at(i))?.concat()
+                    }
                     ChatContent::Arguments(map) => Value::Object(map).to_string(),
                 };
                 let name = tool_names.get(&tool_call_id).cloned().unwrap_or_default();
-                push(&mut input, Role::User, vec![ContentBlock::ToolResult(ToolResult { id: tool_call_id, name, result })]);
+                push(
+                    &mut input,
+                    Role::User,
+                    vec![ContentBlock::ToolResult(ToolResult { id: tool_call_id, name, result })],
+                );
             }
         }
     }
@@ -256,7 +313,11 @@ struct NotText;
 
 impl NotText {
     fn at(self, i: usize) -> ApiError {
-        ApiError::bad_request("invalid_request", format!("messages[{i}].content"), "system and tool messages take text parts only")
+        ApiError::bad_request(
+            "invalid_request",
+            format!("messages[{i}].content"),
+            "system and tool messages take text parts only",
+        )
     }
 }
 
@@ -270,7 +331,9 @@ fn part_text(part: &ChatPart) -> Result<String, NotText> {
 fn blocks(content: ChatContent) -> Vec<ContentBlock> {
     match content {
         ChatContent::Text(text) => vec![ContentBlock::Text { text }],
-        ChatContent::Arguments(arguments) => vec![ContentBlock::Template { name: String::new(), arguments: Value::Object(arguments) }],
+        ChatContent::Arguments(arguments) => {
+            vec![ContentBlock::Template { name: String::new(), arguments: Value::Object(arguments) }]
+        }
         ChatContent::Parts(parts) => parts
             .into_iter()
             .map(|part| match part {
@@ -284,7 +347,11 @@ fn blocks(content: ChatContent) -> Vec<ContentBlock> {
 /// Consecutive messages of one role merge, as tool results following each other do in OpenAI's API.
 fn push(input: &mut Input, role: Role, content: Vec<ContentBlock>) {
     match input.messages.last_mut() {
-        Some(last) if last.role == role && content.iter().all(|b| matches!(b, ContentBlock::ToolResult(_))) && last.content.iter().all(|b| matches!(b, ContentBlock::ToolResult(_))) => {
+        Some(last)
+            if last.role == role
+                && content.iter().all(|b| matches!(b, ContentBlock::ToolResult(_)))
+                && last.content.iter().all(|b| matches!(b, ContentBlock::ToolResult(_))) =>
+        {
             last.content.extend(content)
         }
         _ => input.messages.push(InputMessage { role, content }),
@@ -299,7 +366,10 @@ fn message_of(record: &InferenceRecord) -> (Value, &'static str) {
     match &record.output {
         InferenceOutput::Json(output) => (json!({"role": "assistant", "content": output.raw}), "stop"),
         InferenceOutput::Chat { content } => {
-            let text: String = content.iter().filter_map(|b| if let ContentBlock::Text { text } = b { Some(text.as_str()) } else { None }).collect();
+            let text: String = content
+                .iter()
+                .filter_map(|b| if let ContentBlock::Text { text } = b { Some(text.as_str()) } else { None })
+                .collect();
             let calls: Vec<Value> = content
                 .iter()
                 .filter_map(|b| if let ContentBlock::ToolCall(call) = b { Some(call) } else { None })

@@ -72,10 +72,6 @@ impl StreamAccumulator {
                 arguments: call.arguments,
             }));
         }
-        ProviderResponse {
-            content,
-            usage: self.usage.unwrap_or_default(),
-            finish_reason: self.finish_reason,
-        }
+        ProviderResponse { content, usage: self.usage.unwrap_or_default(), finish_reason: self.finish_reason }
     }
 }

@@ -14,10 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::http::{self, protocol, HttpSettings};
 use super::sse::{self, SseEvent, SseStep};
-use super::{
-    ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse, StreamChunk,
-    ToolCallDelta,
-};
+use super::{ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse, StreamChunk, ToolCallDelta};
 
 const API_VERSION: &str = "2023-06-01";
 /// The API requires `max_tokens`; this is used when the variant sets none.
@@ -34,11 +31,7 @@ impl AnthropicProvider {
     /// `name` is the provider's name in the model's routing (used in errors); `client` is shared so
     /// all providers use one connection pool.
     pub fn new(name: impl Into<String>, settings: HttpSettings, client: reqwest::Client) -> Self {
-        Self {
-            name: name.into(),
-            settings,
-            client,
-        }
+        Self { name: name.into(), settings, client }
     }
 
     fn request(&self, request: &ModelRequest, stream: bool) -> reqwest::RequestBuilder {
@@ -66,13 +59,8 @@ impl Provider for AnthropicProvider {
 
     async fn infer_stream(&self, request: &ModelRequest) -> Result<ChunkStream, ProviderError> {
         let response = http::send(&self.name, self.request(request, true)).await?;
-        let mut state = StreamState {
-            provider: self.name.clone(),
-            ..StreamState::default()
-        };
-        Ok(sse::chunk_stream(&self.name, response, move |event| {
-            state.event(event)
-        }))
+        let mut state = StreamState { provider: self.name.clone(), ..StreamState::default() };
+        Ok(sse::chunk_stream(&self.name, response, move |event| state.event(event)))
     }
 }
 
@@ -118,18 +106,9 @@ struct Message<'a> {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Block<'a> {
-    Text {
-        text: &'a str,
-    },
-    ToolUse {
-        id: &'a str,
-        name: &'a str,
-        input: Value,
-    },
-    ToolResult {
-        tool_use_id: &'a str,
-        content: &'a str,
-    },
+    Text { text: &'a str },
+    ToolUse { id: &'a str, name: &'a str, input: Value },
+    ToolResult { tool_use_id: &'a str, content: &'a str },
 }
 
 #[derive(Debug, Serialize)]
@@ -141,11 +120,7 @@ struct Tool<'a> {
 }
 
 // The API has no seed and no JSON mode: json functions rely on their prompt here.
-fn build_request<'a>(
-    model: &'a str,
-    request: &'a ModelRequest,
-    stream: bool,
-) -> MessagesRequest<'a> {
+fn build_request<'a>(model: &'a str, request: &'a ModelRequest, stream: bool) -> MessagesRequest<'a> {
     let rendered = &request.rendered;
     let has_tools = !rendered.tools.is_empty();
     MessagesRequest {
@@ -155,8 +130,7 @@ fn build_request<'a>(
         system: rendered.system.as_deref().filter(|s| !s.is_empty()),
         messages: rendered.messages.iter().map(message).collect(),
         tools: rendered.tools.iter().map(tool).collect(),
-        tool_choice: has_tools
-            .then(|| tool_choice(&request.tool_choice, request.parallel_tool_calls)),
+        tool_choice: has_tools.then(|| tool_choice(&request.tool_choice, request.parallel_tool_calls)),
         temperature: request.temperature,
         top_p: request.top_p,
         stream,
@@ -176,11 +150,7 @@ fn tool_choice(choice: &ToolChoice, parallel: Option<bool>) -> Value {
 }
 
 fn tool(definition: &ToolDefinition) -> Tool<'_> {
-    Tool {
-        name: &definition.name,
-        description: &definition.description,
-        input_schema: &definition.parameters,
-    }
+    Tool { name: &definition.name, description: &definition.description, input_schema: &definition.parameters }
 }
 
 /// Tool results go first in their message, as the API requires; empty text blocks are dropped
@@ -192,22 +162,16 @@ fn message(message: &RenderedMessage) -> Message<'_> {
         match block {
             RenderedBlock::Text { text } if text.is_empty() => {}
             RenderedBlock::Text { text } => others.push(Block::Text { text }),
-            RenderedBlock::ToolCall(call) => others.push(Block::ToolUse {
-                id: &call.id,
-                name: &call.name,
-                input: tool_input(&call.arguments),
-            }),
-            RenderedBlock::ToolResult(result) => results.push(Block::ToolResult {
-                tool_use_id: &result.id,
-                content: &result.result,
-            }),
+            RenderedBlock::ToolCall(call) => {
+                others.push(Block::ToolUse { id: &call.id, name: &call.name, input: tool_input(&call.arguments) })
+            }
+            RenderedBlock::ToolResult(result) => {
+                results.push(Block::ToolResult { tool_use_id: &result.id, content: &result.result })
+            }
         }
     }
     results.extend(others);
-    Message {
-        role: role(message.role),
-        content: results,
-    }
+    Message { role: role(message.role), content: results }
 }
 
 fn role(role: Role) -> &'static str {
@@ -276,17 +240,8 @@ struct WireUsage {
 impl WireUsage {
     /// All prompt tokens, or `None` when this usage object does not report input at all.
     fn input(&self) -> Option<u32> {
-        let parts = [
-            self.input_tokens,
-            self.cache_creation_input_tokens,
-            self.cache_read_input_tokens,
-        ];
-        parts.iter().any(Option::is_some).then(|| {
-            parts
-                .iter()
-                .flatten()
-                .fold(0u32, |a, b| a.saturating_add(*b))
-        })
+        let parts = [self.input_tokens, self.cache_creation_input_tokens, self.cache_read_input_tokens];
+        parts.iter().any(Option::is_some).then(|| parts.iter().flatten().fold(0u32, |a, b| a.saturating_add(*b)))
     }
 }
 
@@ -296,11 +251,9 @@ fn parse_response(body: MessagesResponse) -> ProviderResponse {
         .into_iter()
         .filter_map(|block| match block {
             ResponseBlock::Text { text } if !text.is_empty() => Some(ContentBlock::Text { text }),
-            ResponseBlock::ToolUse { id, name, input } => Some(ContentBlock::ToolCall(ToolCall {
-                id,
-                name,
-                arguments: arguments_text(&input),
-            })),
+            ResponseBlock::ToolUse { id, name, input } => {
+                Some(ContentBlock::ToolCall(ToolCall { id, name, arguments: arguments_text(&input) }))
+            }
             _ => None,
         })
         .collect::<Vec<_>>();
@@ -427,23 +380,14 @@ struct StreamState {
 impl StreamState {
     fn event(&mut self, event: SseEvent) -> Result<SseStep, ProviderError> {
         let parsed: StreamEvent = serde_json::from_str(&event.data).map_err(|e| {
-            protocol(
-                &self.provider,
-                format!(
-                    "bad stream event: {e}; data: {}",
-                    http::truncate(&event.data, 512)
-                ),
-            )
+            protocol(&self.provider, format!("bad stream event: {e}; data: {}", http::truncate(&event.data, 512)))
         })?;
         let chunk = match parsed {
             StreamEvent::MessageStart { message } => {
                 self.input_tokens = message.usage.input().unwrap_or(0);
                 None
             }
-            StreamEvent::ContentBlockStart {
-                index,
-                content_block: StartBlock::ToolUse { id, name },
-            } => {
+            StreamEvent::ContentBlockStart { index, content_block: StartBlock::ToolUse { id, name } } => {
                 let call = self.tools.len();
                 self.tools.insert(index, (call, false));
                 Some(tool_chunk(ToolCallDelta {
@@ -466,46 +410,29 @@ impl StreamState {
             }),
             StreamEvent::MessageStop => return Ok(SseStep::Done),
             StreamEvent::Error { error } => {
-                return Err(protocol(
-                    &self.provider,
-                    format!("upstream reported an error mid-stream: {error}"),
-                ))
+                return Err(protocol(&self.provider, format!("upstream reported an error mid-stream: {error}")))
             }
             StreamEvent::ContentBlockStart { .. } | StreamEvent::Other => None,
         };
         Ok(SseStep::Chunks(chunk.into_iter().collect()))
     }
 
-    fn delta(
-        &mut self,
-        index: usize,
-        delta: BlockDelta,
-    ) -> Result<Option<StreamChunk>, ProviderError> {
+    fn delta(&mut self, index: usize, delta: BlockDelta) -> Result<Option<StreamChunk>, ProviderError> {
         match delta {
             BlockDelta::TextDelta { text } if text.is_empty() => Ok(None),
-            BlockDelta::TextDelta { text } => Ok(Some(StreamChunk {
-                text: Some(text),
-                ..StreamChunk::default()
-            })),
+            BlockDelta::TextDelta { text } => Ok(Some(StreamChunk { text: Some(text), ..StreamChunk::default() })),
             BlockDelta::InputJsonDelta { partial_json } => {
                 let (call, seen) = self.tools.get_mut(&index).ok_or_else(|| {
                     protocol(
                         &self.provider,
-                        format!(
-                            "argument delta for content block {index}, which is not a tool call"
-                        ),
+                        format!("argument delta for content block {index}, which is not a tool call"),
                     )
                 })?;
                 if partial_json.is_empty() {
                     return Ok(None);
                 }
                 *seen = true;
-                Ok(Some(tool_chunk(ToolCallDelta {
-                    index: *call,
-                    id: None,
-                    name: None,
-                    arguments: partial_json,
-                })))
+                Ok(Some(tool_chunk(ToolCallDelta { index: *call, id: None, name: None, arguments: partial_json })))
             }
             BlockDelta::Other => Ok(None),
         }
@@ -515,22 +442,16 @@ impl StreamState {
     /// the non-streamed one.
     fn block_stop(&mut self, index: usize) -> Option<StreamChunk> {
         match self.tools.get(&index) {
-            Some(&(call, false)) => Some(tool_chunk(ToolCallDelta {
-                index: call,
-                id: None,
-                name: None,
-                arguments: "{}".into(),
-            })),
+            Some(&(call, false)) => {
+                Some(tool_chunk(ToolCallDelta { index: call, id: None, name: None, arguments: "{}".into() }))
+            }
             _ => None,
         }
     }
 }
 
 fn tool_chunk(delta: ToolCallDelta) -> StreamChunk {
-    StreamChunk {
-        tool_calls: vec![delta],
-        ..StreamChunk::default()
-    }
+    StreamChunk { tool_calls: vec![delta], ..StreamChunk::default() }
 }
 
 #[cfg(test)]
@@ -546,18 +467,12 @@ mod tests {
 
     #[test]
     fn tool_choice_mapping() {
-        assert_eq!(
-            tool_choice(&ToolChoice::Auto, None),
-            json!({"type": "auto"})
-        );
+        assert_eq!(tool_choice(&ToolChoice::Auto, None), json!({"type": "auto"}));
         assert_eq!(
             tool_choice(&ToolChoice::Required, Some(false)),
             json!({"type": "any", "disable_parallel_tool_use": true})
         );
-        assert_eq!(
-            tool_choice(&ToolChoice::None, Some(false)),
-            json!({"type": "none"})
-        );
+        assert_eq!(tool_choice(&ToolChoice::None, Some(false)), json!({"type": "none"}));
     }
 
     #[test]
@@ -570,13 +485,7 @@ mod tests {
         ];
         let mut arguments = String::new();
         for event in events {
-            if let SseStep::Chunks(chunks) = state
-                .event(SseEvent {
-                    event: None,
-                    data: event.to_string(),
-                })
-                .unwrap()
-            {
+            if let SseStep::Chunks(chunks) = state.event(SseEvent { event: None, data: event.to_string() }).unwrap() {
                 for chunk in chunks {
                     arguments.extend(chunk.tool_calls.iter().map(|c| c.arguments.as_str()));
                 }

@@ -7,10 +7,7 @@ use apprentice_core::{ContentBlock, Role, ToolCall, Usage};
 use async_trait::async_trait;
 
 use super::openai::TEXT_JOINER;
-use super::{
-    ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse, StreamChunk,
-    ToolCallDelta,
-};
+use super::{ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse, StreamChunk, ToolCallDelta};
 
 /// The id of the tool call the `tool_call` behaviour makes.
 pub const DUMMY_CALL_ID: &str = "call_0";
@@ -30,11 +27,7 @@ enum Reply {
 
 impl DummyProvider {
     pub fn new(name: impl Into<String>, behavior: DummyBehavior, content: Option<String>) -> Self {
-        Self {
-            name: name.into(),
-            behavior,
-            content,
-        }
+        Self { name: name.into(), behavior, content }
     }
 
     fn reply(&self, request: &ModelRequest) -> Result<Reply, ProviderError> {
@@ -53,11 +46,7 @@ impl DummyProvider {
                 }),
                 _ => Reply::Text(echo(&request.rendered)),
             },
-            DummyBehavior::Error => {
-                return Err(ProviderError::Scripted {
-                    provider: self.name.clone(),
-                })
-            }
+            DummyBehavior::Error => return Err(ProviderError::Scripted { provider: self.name.clone() }),
         })
     }
 
@@ -67,13 +56,7 @@ impl DummyProvider {
             Reply::Text(text) => words(text),
             Reply::Call(call) => words(&call.name) + words(&call.arguments),
         };
-        Ok((
-            reply,
-            Usage {
-                input_tokens: input_words(&request.rendered),
-                output_tokens,
-            },
-        ))
+        Ok((reply, Usage { input_tokens: input_words(&request.rendered), output_tokens }))
     }
 }
 
@@ -86,11 +69,7 @@ impl Provider for DummyProvider {
             Reply::Text(text) => (vec![ContentBlock::Text { text }], "stop"),
             Reply::Call(call) => (vec![ContentBlock::ToolCall(call)], "tool_calls"),
         };
-        Ok(ProviderResponse {
-            content,
-            usage,
-            finish_reason: Some(finish_reason.to_string()),
-        })
+        Ok(ProviderResponse { content, usage, finish_reason: Some(finish_reason.to_string()) })
     }
 
     async fn infer_stream(&self, request: &ModelRequest) -> Result<ChunkStream, ProviderError> {
@@ -99,27 +78,14 @@ impl Provider for DummyProvider {
             Reply::Text(text) => {
                 let chunks = split_words(&text)
                     .into_iter()
-                    .map(|piece| StreamChunk {
-                        text: Some(piece.to_string()),
-                        ..StreamChunk::default()
-                    })
+                    .map(|piece| StreamChunk { text: Some(piece.to_string()), ..StreamChunk::default() })
                     .collect::<Vec<_>>();
                 (chunks, "stop")
             }
             Reply::Call(call) => {
-                let delta = ToolCallDelta {
-                    index: 0,
-                    id: Some(call.id),
-                    name: Some(call.name),
-                    arguments: call.arguments,
-                };
-                (
-                    vec![StreamChunk {
-                        tool_calls: vec![delta],
-                        ..StreamChunk::default()
-                    }],
-                    "tool_calls",
-                )
+                let delta =
+                    ToolCallDelta { index: 0, id: Some(call.id), name: Some(call.name), arguments: call.arguments };
+                (vec![StreamChunk { tool_calls: vec![delta], ..StreamChunk::default() }], "tool_calls")
             }
         };
         chunks.push(StreamChunk {
@@ -133,12 +99,7 @@ impl Provider for DummyProvider {
 
 /// The last user message's text; if it has none, its tool results (what an agent loop sends back).
 fn echo(rendered: &RenderedRequest) -> String {
-    let Some(message) = rendered
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User)
-    else {
+    let Some(message) = rendered.messages.iter().rev().find(|m| m.role == Role::User) else {
         return String::new();
     };
     let texts: Vec<&str> = message
@@ -170,15 +131,11 @@ fn words(text: &str) -> u32 {
 /// Words of the system prompt and of every block: text, tool call name and arguments, tool result.
 fn input_words(rendered: &RenderedRequest) -> u32 {
     let system = rendered.system.as_deref().map_or(0, words);
-    let blocks = rendered
-        .messages
-        .iter()
-        .flat_map(|m| &m.content)
-        .map(|block| match block {
-            RenderedBlock::Text { text } => words(text),
-            RenderedBlock::ToolCall(call) => words(&call.name) + words(&call.arguments),
-            RenderedBlock::ToolResult(result) => words(&result.result),
-        });
+    let blocks = rendered.messages.iter().flat_map(|m| &m.content).map(|block| match block {
+        RenderedBlock::Text { text } => words(text),
+        RenderedBlock::ToolCall(call) => words(&call.name) + words(&call.arguments),
+        RenderedBlock::ToolResult(result) => words(&result.result),
+    });
     blocks.fold(system, u32::saturating_add)
 }
 
@@ -213,21 +170,10 @@ mod tests {
 
     #[test]
     fn split_words_keeps_every_character() {
-        for text in [
-            "",
-            "one",
-            "  lead and  trail  ",
-            "a\nb\tc",
-            "héllo wörld ",
-            "   ",
-        ] {
+        for text in ["", "one", "  lead and  trail  ", "a\nb\tc", "héllo wörld ", "   "] {
             let pieces = split_words(text);
             assert_eq!(pieces.concat(), text);
-            assert_eq!(
-                pieces.len(),
-                (words(text) as usize).max(usize::from(!text.is_empty())),
-                "{text:?}"
-            );
+            assert_eq!(pieces.len(), (words(text) as usize).max(usize::from(!text.is_empty())), "{text:?}");
         }
         assert_eq!(split_words(" a  b c"), vec![" a  ", "b ", "c"]);
     }

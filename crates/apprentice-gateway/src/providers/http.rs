@@ -46,11 +46,10 @@ impl HttpSettings {
         timeout_s: f64,
     ) -> Result<Self, ProviderError> {
         let api_key = api_key_env.map(|var| read_key(provider, var)).transpose()?;
-        let timeout =
-            Duration::try_from_secs_f64(timeout_s).map_err(|_| ProviderError::Config {
-                provider: provider.to_string(),
-                message: format!("timeout_s = {timeout_s} is not a usable duration"),
-            })?;
+        let timeout = Duration::try_from_secs_f64(timeout_s).map_err(|_| ProviderError::Config {
+            provider: provider.to_string(),
+            message: format!("timeout_s = {timeout_s} is not a usable duration"),
+        })?;
         Ok(Self {
             model_name: model_name.to_string(),
             api_base: api_base.trim_end_matches('/').to_string(),
@@ -80,20 +79,14 @@ fn read_key(provider: &str, var: &str) -> Result<String, ProviderError> {
 
 /// Sends `request` and returns the response if its status is 2xx; otherwise a `Status` error
 /// carrying the (truncated) body, which is where upstreams explain themselves.
-pub(crate) async fn send(
-    provider: &str,
-    request: reqwest::RequestBuilder,
-) -> Result<reqwest::Response, ProviderError> {
+pub(crate) async fn send(provider: &str, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ProviderError> {
     let response = request.send().await.map_err(|e| transport(provider, &e))?;
     let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
     // The body is only for the message: failing to read it must not hide the status.
-    let body = response
-        .text()
-        .await
-        .unwrap_or_else(|e| format!("<unreadable body: {e}>"));
+    let body = response.text().await.unwrap_or_else(|e| format!("<unreadable body: {e}>"));
     Err(ProviderError::Status {
         provider: provider.to_string(),
         status: status.as_u16(),
@@ -106,43 +99,27 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     provider: &str,
     response: reqwest::Response,
 ) -> Result<T, ProviderError> {
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| transport(provider, &e))?;
+    let bytes = response.bytes().await.map_err(|e| transport(provider, &e))?;
     serde_json::from_slice(&bytes).map_err(|e| ProviderError::Protocol {
         provider: provider.to_string(),
-        message: format!(
-            "{e}; body: {}",
-            truncate(&String::from_utf8_lossy(&bytes), MAX_ERROR_BODY)
-        ),
+        message: format!("{e}; body: {}", truncate(&String::from_utf8_lossy(&bytes), MAX_ERROR_BODY)),
     })
 }
 
 /// reqwest's top-level message ("error sending request") hides the cause; the source chain has it.
 pub(crate) fn transport(provider: &str, error: &reqwest::Error) -> ProviderError {
-    let mut message = if error.is_timeout() {
-        format!("timed out: {error}")
-    } else {
-        error.to_string()
-    };
+    let mut message = if error.is_timeout() { format!("timed out: {error}") } else { error.to_string() };
     let mut source = error.source();
     while let Some(cause) = source {
         message.push_str(": ");
         message.push_str(&cause.to_string());
         source = cause.source();
     }
-    ProviderError::Transport {
-        provider: provider.to_string(),
-        message,
-    }
+    ProviderError::Transport { provider: provider.to_string(), message }
 }
 
 pub(crate) fn protocol(provider: &str, message: impl Into<String>) -> ProviderError {
-    ProviderError::Protocol {
-        provider: provider.to_string(),
-        message: message.into(),
-    }
+    ProviderError::Protocol { provider: provider.to_string(), message: message.into() }
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary.
@@ -171,15 +148,9 @@ mod tests {
 
     #[test]
     fn missing_key_variable_is_named() {
-        let err = HttpSettings::resolve(
-            "p",
-            "m",
-            "http://x/",
-            Some("APPRENTICE_TEST_SURELY_UNSET_VAR"),
-            1.0,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = HttpSettings::resolve("p", "m", "http://x/", Some("APPRENTICE_TEST_SURELY_UNSET_VAR"), 1.0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("APPRENTICE_TEST_SURELY_UNSET_VAR"), "{err}");
     }
 

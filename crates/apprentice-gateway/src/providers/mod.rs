@@ -74,11 +74,7 @@ pub enum ProviderError {
     #[error("{provider}: cannot reach upstream: {message}")]
     Transport { provider: String, message: String },
     #[error("{provider}: upstream answered {status}: {body}")]
-    Status {
-        provider: String,
-        status: u16,
-        body: String,
-    },
+    Status { provider: String, status: u16, body: String },
     #[error("{provider}: cannot understand upstream answer: {message}")]
     Protocol { provider: String, message: String },
     #[error("{provider}: {message}")]

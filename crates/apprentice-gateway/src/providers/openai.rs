@@ -10,10 +10,7 @@ use serde_json::{json, Value};
 
 use super::http::{self, protocol, HttpSettings};
 use super::sse::{self, SseEvent, SseStep};
-use super::{
-    ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse, StreamChunk,
-    ToolCallDelta,
-};
+use super::{ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse, StreamChunk, ToolCallDelta};
 
 /// Texts of one message are joined with a newline when the message has several text blocks: one
 /// string is what every compatible server accepts, while content-part arrays are not universal.
@@ -30,20 +27,13 @@ impl OpenAiProvider {
     /// `name` is the provider's name in the model's routing (used in errors); `client` is shared so
     /// all providers use one connection pool.
     pub fn new(name: impl Into<String>, settings: HttpSettings, client: reqwest::Client) -> Self {
-        Self {
-            name: name.into(),
-            settings,
-            client,
-        }
+        Self { name: name.into(), settings, client }
     }
 
     fn request(&self, request: &ModelRequest, stream: bool) -> reqwest::RequestBuilder {
         let body = build_request(&self.settings.model_name, request, stream);
-        let builder = self
-            .client
-            .post(self.settings.url("chat/completions"))
-            .timeout(self.settings.timeout)
-            .json(&body);
+        let builder =
+            self.client.post(self.settings.url("chat/completions")).timeout(self.settings.timeout).json(&body);
         match &self.settings.api_key {
             Some(key) => builder.bearer_auth(key),
             None => builder,
@@ -62,9 +52,7 @@ impl Provider for OpenAiProvider {
     async fn infer_stream(&self, request: &ModelRequest) -> Result<ChunkStream, ProviderError> {
         let response = http::send(&self.name, self.request(request, true)).await?;
         let name = self.name.clone();
-        Ok(sse::chunk_stream(&self.name, response, move |event| {
-            parse_event(&name, event)
-        }))
+        Ok(sse::chunk_stream(&self.name, response, move |event| parse_event(&name, event)))
     }
 }
 
@@ -161,9 +149,7 @@ fn build_request<'a>(model: &'a str, request: &'a ModelRequest, stream: bool) ->
         response_format: response_format(request.json_mode, request.output_schema.as_ref()),
         stream,
         // Without this, streamed answers carry no token counts and could not be priced.
-        stream_options: stream.then_some(StreamOptions {
-            include_usage: true,
-        }),
+        stream_options: stream.then_some(StreamOptions { include_usage: true }),
     }
 }
 
@@ -202,12 +188,7 @@ fn tool(definition: &ToolDefinition) -> Tool<'_> {
 fn messages(rendered: &RenderedRequest) -> Vec<Message<'_>> {
     let mut out = Vec::with_capacity(rendered.messages.len() + 1);
     if let Some(system) = &rendered.system {
-        out.push(Message {
-            role: "system",
-            content: Some(system.clone()),
-            tool_calls: Vec::new(),
-            tool_call_id: None,
-        });
+        out.push(Message { role: "system", content: Some(system.clone()), tool_calls: Vec::new(), tool_call_id: None });
     }
     for message in &rendered.messages {
         push_message(&mut out, message);
@@ -227,10 +208,7 @@ fn push_message<'a>(out: &mut Vec<Message<'a>>, message: &'a RenderedMessage) {
             RenderedBlock::ToolCall(call) => calls.push(WireToolCall {
                 id: &call.id,
                 kind: "function",
-                function: WireFunction {
-                    name: &call.name,
-                    arguments: &call.arguments,
-                },
+                function: WireFunction { name: &call.name, arguments: &call.arguments },
             }),
             RenderedBlock::ToolResult(result) => out.push(Message {
                 role: "tool",
@@ -244,24 +222,14 @@ fn push_message<'a>(out: &mut Vec<Message<'a>>, message: &'a RenderedMessage) {
     match message.role {
         Role::Assistant => {
             if text.is_some() || !calls.is_empty() {
-                out.push(Message {
-                    role: "assistant",
-                    content: text,
-                    tool_calls: calls,
-                    tool_call_id: None,
-                });
+                out.push(Message { role: "assistant", content: text, tool_calls: calls, tool_call_id: None });
             }
         }
         Role::User => {
             // Tool calls only come from assistants; should a user message carry some, they are
             // sent as the assistant turn they must have been rather than dropped.
             if !calls.is_empty() {
-                out.push(Message {
-                    role: "assistant",
-                    content: None,
-                    tool_calls: calls,
-                    tool_call_id: None,
-                });
+                out.push(Message { role: "assistant", content: None, tool_calls: calls, tool_call_id: None });
             }
             let only_tool_results = text.is_none() && !message.content.is_empty();
             if !only_tool_results {
@@ -328,10 +296,7 @@ struct WireUsage {
 
 impl From<WireUsage> for Usage {
     fn from(usage: WireUsage) -> Self {
-        Usage {
-            input_tokens: usage.prompt_tokens,
-            output_tokens: usage.completion_tokens,
-        }
+        Usage { input_tokens: usage.prompt_tokens, output_tokens: usage.completion_tokens }
     }
 }
 
@@ -349,11 +314,7 @@ fn text_or_json<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 
 fn parse_response(provider: &str, body: ChatResponse) -> Result<ProviderResponse, ProviderError> {
     let usage = body.usage.map(Usage::from).unwrap_or_default();
-    let choice = body
-        .choices
-        .into_iter()
-        .next()
-        .ok_or_else(|| protocol(provider, "answer has no choices"))?;
+    let choice = body.choices.into_iter().next().ok_or_else(|| protocol(provider, "answer has no choices"))?;
     let mut content = Vec::new();
     if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
         content.push(ContentBlock::Text { text });
@@ -365,11 +326,7 @@ fn parse_response(provider: &str, body: ChatResponse) -> Result<ProviderResponse
             arguments: call.function.arguments,
         }));
     }
-    Ok(ProviderResponse {
-        content,
-        usage,
-        finish_reason: choice.finish_reason,
-    })
+    Ok(ProviderResponse { content, usage, finish_reason: choice.finish_reason })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,32 +387,18 @@ fn parse_event(provider: &str, event: SseEvent) -> Result<SseStep, ProviderError
     if data.is_empty() {
         return Ok(SseStep::Chunks(Vec::new()));
     }
-    let parsed: StreamEvent = serde_json::from_str(data).map_err(|e| {
-        protocol(
-            provider,
-            format!("bad stream event: {e}; data: {}", http::truncate(data, 512)),
-        )
-    })?;
+    let parsed: StreamEvent = serde_json::from_str(data)
+        .map_err(|e| protocol(provider, format!("bad stream event: {e}; data: {}", http::truncate(data, 512))))?;
     if let Some(error) = parsed.error {
-        return Err(protocol(
-            provider,
-            format!("upstream reported an error mid-stream: {error}"),
-        ));
+        return Err(protocol(provider, format!("upstream reported an error mid-stream: {error}")));
     }
     let chunk = stream_chunk(parsed);
-    Ok(SseStep::Chunks(if chunk == StreamChunk::default() {
-        Vec::new()
-    } else {
-        vec![chunk]
-    }))
+    Ok(SseStep::Chunks(if chunk == StreamChunk::default() { Vec::new() } else { vec![chunk] }))
 }
 
 /// Only the first choice is followed: the gateway never asks for more than one.
 fn stream_chunk(event: StreamEvent) -> StreamChunk {
-    let mut chunk = StreamChunk {
-        usage: event.usage.map(Usage::from),
-        ..StreamChunk::default()
-    };
+    let mut chunk = StreamChunk { usage: event.usage.map(Usage::from), ..StreamChunk::default() };
     let Some(choice) = event.choices.into_iter().find(|c| c.index == 0) else {
         return chunk;
     };
@@ -469,16 +412,8 @@ fn stream_chunk(event: StreamEvent) -> StreamChunk {
         .into_iter()
         .enumerate()
         .map(|(position, call)| {
-            let (name, arguments) = call
-                .function
-                .map(|f| (f.name, f.arguments))
-                .unwrap_or_default();
-            ToolCallDelta {
-                index: call.index.unwrap_or(position),
-                id: call.id,
-                name,
-                arguments,
-            }
+            let (name, arguments) = call.function.map(|f| (f.name, f.arguments)).unwrap_or_default();
+            ToolCallDelta { index: call.index.unwrap_or(position), id: call.id, name, arguments }
         })
         .collect();
     chunk
@@ -498,10 +433,7 @@ mod tests {
         let rendered = RenderedRequest {
             system: Some("sys".into()),
             messages: vec![
-                RenderedMessage {
-                    role: Role::User,
-                    content: vec![text("a"), text("b")],
-                },
+                RenderedMessage { role: Role::User, content: vec![text("a"), text("b")] },
                 RenderedMessage {
                     role: Role::Assistant,
                     content: vec![RenderedBlock::ToolCall(ToolCall {
@@ -541,33 +473,17 @@ mod tests {
 
     #[test]
     fn tool_options_are_left_out_without_tools() {
-        let request = ModelRequest {
-            parallel_tool_calls: Some(false),
-            ..ModelRequest::default()
-        };
+        let request = ModelRequest { parallel_tool_calls: Some(false), ..ModelRequest::default() };
         let value = serde_json::to_value(build_request("m", &request, false)).unwrap();
-        assert!(
-            value.get("tool_choice").is_none() && value.get("parallel_tool_calls").is_none(),
-            "{value}"
-        );
-        assert!(
-            value.get("stream").is_none() && value.get("stream_options").is_none(),
-            "{value}"
-        );
+        assert!(value.get("tool_choice").is_none() && value.get("parallel_tool_calls").is_none(), "{value}");
+        assert!(value.get("stream").is_none() && value.get("stream_options").is_none(), "{value}");
     }
 
     #[test]
     fn json_modes() {
         let schema = json!({"type": "object"});
-        assert_eq!(
-            response_format(Some(JsonMode::Strict), Some(&schema)).unwrap()["json_schema"]
-                ["schema"],
-            schema
-        );
-        assert_eq!(
-            response_format(Some(JsonMode::On), Some(&schema)).unwrap(),
-            json!({"type": "json_object"})
-        );
+        assert_eq!(response_format(Some(JsonMode::Strict), Some(&schema)).unwrap()["json_schema"]["schema"], schema);
+        assert_eq!(response_format(Some(JsonMode::On), Some(&schema)).unwrap(), json!({"type": "json_object"}));
         assert_eq!(response_format(Some(JsonMode::Off), Some(&schema)), None);
         assert_eq!(response_format(None, Some(&schema)), None);
     }
@@ -594,10 +510,7 @@ mod tests {
 
     #[test]
     fn mid_stream_error_event_is_an_error() {
-        let event = SseEvent {
-            event: None,
-            data: r#"{"error": {"message": "overloaded"}}"#.into(),
-        };
+        let event = SseEvent { event: None, data: r#"{"error": {"message": "overloaded"}}"#.into() };
         let err = parse_event("p", event).err().unwrap().to_string();
         assert!(err.contains("overloaded"), "{err}");
     }

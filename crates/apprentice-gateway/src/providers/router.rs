@@ -62,16 +62,8 @@ impl fmt::Debug for ModelRouter {
 
 impl ModelRouter {
     /// A router over ready-made providers (tests, or providers the config cannot describe).
-    pub fn new(
-        model: impl Into<String>,
-        providers: Vec<(String, Arc<dyn Provider>)>,
-        price: Option<Price>,
-    ) -> Self {
-        Self {
-            model: model.into(),
-            providers,
-            price,
-        }
+    pub fn new(model: impl Into<String>, providers: Vec<(String, Arc<dyn Provider>)>, price: Option<Price>) -> Self {
+        Self { model: model.into(), providers, price }
     }
 
     /// Builds every provider of the model. A provider that cannot be built (e.g. its key variable
@@ -106,60 +98,31 @@ impl ModelRouter {
         self.price
     }
 
-    pub async fn infer(
-        &self,
-        request: &ModelRequest,
-    ) -> Result<Routed<ProviderResponse>, AllProvidersFailed> {
+    pub async fn infer(&self, request: &ModelRequest) -> Result<Routed<ProviderResponse>, AllProvidersFailed> {
         let mut failures = Vec::new();
         for (name, provider) in &self.providers {
             match provider.infer(request).await {
-                Ok(value) => {
-                    return Ok(Routed {
-                        provider_name: name.clone(),
-                        value,
-                        failures,
-                    })
-                }
+                Ok(value) => return Ok(Routed { provider_name: name.clone(), value, failures }),
                 Err(error) => self.skip(name, error, &mut failures),
             }
         }
-        Err(AllProvidersFailed {
-            model: self.model.clone(),
-            failures,
-        })
+        Err(AllProvidersFailed { model: self.model.clone(), failures })
     }
 
     /// Falls back only on errors before the stream starts: once chunks may have reached the
     /// client, switching provider would splice two different answers.
-    pub async fn infer_stream(
-        &self,
-        request: &ModelRequest,
-    ) -> Result<Routed<ChunkStream>, AllProvidersFailed> {
+    pub async fn infer_stream(&self, request: &ModelRequest) -> Result<Routed<ChunkStream>, AllProvidersFailed> {
         let mut failures = Vec::new();
         for (name, provider) in &self.providers {
             match provider.infer_stream(request).await {
-                Ok(value) => {
-                    return Ok(Routed {
-                        provider_name: name.clone(),
-                        value,
-                        failures,
-                    })
-                }
+                Ok(value) => return Ok(Routed { provider_name: name.clone(), value, failures }),
                 Err(error) => self.skip(name, error, &mut failures),
             }
         }
-        Err(AllProvidersFailed {
-            model: self.model.clone(),
-            failures,
-        })
+        Err(AllProvidersFailed { model: self.model.clone(), failures })
     }
 
-    fn skip(
-        &self,
-        provider: &str,
-        error: ProviderError,
-        failures: &mut Vec<(String, ProviderError)>,
-    ) {
+    fn skip(&self, provider: &str, error: ProviderError, failures: &mut Vec<(String, ProviderError)>) {
         tracing::warn!(model = %self.model, provider, %error, "provider failed; trying the next one");
         failures.push((provider.to_string(), error));
     }
@@ -172,34 +135,15 @@ pub fn build_provider(
     client: &reqwest::Client,
 ) -> Result<Arc<dyn Provider>, ProviderError> {
     Ok(match config {
-        ProviderConfig::Openai {
-            model_name,
-            api_base,
-            api_key_env,
-            timeout_s,
-        } => {
-            let settings = HttpSettings::resolve(
-                name,
-                model_name,
-                api_base,
-                api_key_env.as_deref(),
-                *timeout_s,
-            )?;
+        ProviderConfig::Openai { model_name, api_base, api_key_env, timeout_s } => {
+            let settings = HttpSettings::resolve(name, model_name, api_base, api_key_env.as_deref(), *timeout_s)?;
             Arc::new(OpenAiProvider::new(name, settings, client.clone()))
         }
-        ProviderConfig::Anthropic {
-            model_name,
-            api_base,
-            api_key_env,
-            timeout_s,
-        } => {
-            let settings =
-                HttpSettings::resolve(name, model_name, api_base, Some(api_key_env), *timeout_s)?;
+        ProviderConfig::Anthropic { model_name, api_base, api_key_env, timeout_s } => {
+            let settings = HttpSettings::resolve(name, model_name, api_base, Some(api_key_env), *timeout_s)?;
             Arc::new(AnthropicProvider::new(name, settings, client.clone()))
         }
-        ProviderConfig::Dummy { behavior, content } => {
-            Arc::new(DummyProvider::new(name, *behavior, content.clone()))
-        }
+        ProviderConfig::Dummy { behavior, content } => Arc::new(DummyProvider::new(name, *behavior, content.clone())),
     })
 }
 
@@ -211,22 +155,16 @@ pub fn build_routers(
     config
         .models
         .iter()
-        .map(|(name, model)| {
-            Ok((
-                name.clone(),
-                Arc::new(ModelRouter::from_config(name, model, client)?),
-            ))
-        })
+        .map(|(name, model)| Ok((name.clone(), Arc::new(ModelRouter::from_config(name, model, client)?))))
         .collect()
 }
 
 /// Startup errors name the configuration key, as config errors do, so the user knows where to look.
 fn locate(model: &str, provider: &str, error: ProviderError) -> ProviderError {
     match error {
-        ProviderError::Config { message, .. } => ProviderError::Config {
-            provider: format!("models.{model}.providers.{provider}"),
-            message,
-        },
+        ProviderError::Config { message, .. } => {
+            ProviderError::Config { provider: format!("models.{model}.providers.{provider}"), message }
+        }
         other => other,
     }
 }

@@ -35,8 +35,7 @@ impl SseDecoder {
             let line: Vec<u8> = self.buffer.drain(..=newline).collect();
             let line = line.strip_suffix(b"\n").unwrap_or(&line);
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let line =
-                std::str::from_utf8(line).map_err(|e| format!("event stream is not UTF-8: {e}"))?;
+            let line = std::str::from_utf8(line).map_err(|e| format!("event stream is not UTF-8: {e}"))?;
             if let Some(event) = self.line(line) {
                 events.push(event);
             }
@@ -48,8 +47,7 @@ impl SseDecoder {
     pub fn finish(&mut self) -> Result<Option<SseEvent>, String> {
         if !self.buffer.is_empty() {
             let rest = std::mem::take(&mut self.buffer);
-            let line = std::str::from_utf8(&rest)
-                .map_err(|e| format!("event stream is not UTF-8: {e}"))?;
+            let line = std::str::from_utf8(&rest).map_err(|e| format!("event stream is not UTF-8: {e}"))?;
             if let Some(event) = self.line(line.trim_end_matches('\r')) {
                 return Ok(Some(event));
             }
@@ -204,44 +202,19 @@ mod tests {
         assert_eq!(
             whole,
             vec![
-                SseEvent {
-                    event: Some("message_start".into()),
-                    data: "{\"a\":\"héllo\"}".into()
-                },
-                SseEvent {
-                    event: None,
-                    data: "one\ntwo".into()
-                },
-                SseEvent {
-                    event: None,
-                    data: "[DONE]".into()
-                },
+                SseEvent { event: Some("message_start".into()), data: "{\"a\":\"héllo\"}".into() },
+                SseEvent { event: None, data: "one\ntwo".into() },
+                SseEvent { event: None, data: "[DONE]".into() },
             ]
         );
         for piece in 1..text.len() {
-            assert_eq!(
-                decode_in_pieces(text, piece),
-                whole,
-                "split every {piece} bytes"
-            );
+            assert_eq!(decode_in_pieces(text, piece), whole, "split every {piece} bytes");
         }
     }
 
     #[test]
     fn unterminated_last_event_is_flushed() {
-        assert_eq!(
-            decode_in_pieces("data: x", 3),
-            vec![SseEvent {
-                event: None,
-                data: "x".into()
-            }]
-        );
-        assert_eq!(
-            decode_in_pieces("data: x\n", 3),
-            vec![SseEvent {
-                event: None,
-                data: "x".into()
-            }]
-        );
+        assert_eq!(decode_in_pieces("data: x", 3), vec![SseEvent { event: None, data: "x".into() }]);
+        assert_eq!(decode_in_pieces("data: x\n", 3), vec![SseEvent { event: None, data: "x".into() }]);
     }
 }

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use apprentice_core::config::WriteMode;
 use apprentice_core::{
-    new_id, ContentBlock, FeedbackRecord, FeedbackValue, InferenceOutput, InferenceRecord, Input,
-    InputMessage, JsonOutput, MetricLevel, RenderedBlock, RenderedMessage, RenderedRequest, Role,
-    SystemInput, ToolCall, ToolDefinition, ToolResult, Usage,
+    new_id, ContentBlock, FeedbackRecord, FeedbackValue, InferenceOutput, InferenceRecord, Input, InputMessage,
+    JsonOutput, MetricLevel, RenderedBlock, RenderedMessage, RenderedRequest, Role, SystemInput, ToolCall,
+    ToolDefinition, ToolResult, Usage,
 };
 use apprentice_store::{Record, SqliteStore};
 use serde_json::json;
@@ -17,9 +17,7 @@ use uuid::Uuid;
 /// A store in a fresh directory; keep the `TempDir` alive as long as the store.
 pub async fn temp_store(mode: WriteMode) -> (TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("apprentice.db"), mode)
-        .await
-        .unwrap();
+    let store = SqliteStore::open(&dir.path().join("apprentice.db"), mode).await.unwrap();
     (dir, store)
 }
 
@@ -32,10 +30,7 @@ pub fn inference(function_name: &str, variant_name: &str, episode_id: Uuid) -> I
         episode_id,
         input: Input {
             system: None,
-            messages: vec![InputMessage {
-                role: Role::User,
-                content: vec![ContentBlock::Text { text: "hi".into() }],
-            }],
+            messages: vec![InputMessage { role: Role::User, content: vec![ContentBlock::Text { text: "hi".into() }] }],
         },
         rendered: RenderedRequest {
             system: None,
@@ -45,17 +40,10 @@ pub fn inference(function_name: &str, variant_name: &str, episode_id: Uuid) -> I
             }],
             tools: vec![],
         },
-        output: InferenceOutput::Chat {
-            content: vec![ContentBlock::Text {
-                text: "hello".into(),
-            }],
-        },
+        output: InferenceOutput::Chat { content: vec![ContentBlock::Text { text: "hello".into() }] },
         model_name: "dummy::echo".into(),
         provider_name: "dummy".into(),
-        usage: Usage {
-            input_tokens: 1,
-            output_tokens: 1,
-        },
+        usage: Usage { input_tokens: 1, output_tokens: 1 },
         latency_ms: 1.0,
         ttft_ms: None,
         cost: None,
@@ -69,16 +57,8 @@ pub fn inference(function_name: &str, variant_name: &str, episode_id: Uuid) -> I
 /// An inference that uses every part of the record: template arguments, tool calls and results,
 /// tools, tags, streaming timings and a cost.
 pub fn rich_inference() -> InferenceRecord {
-    let call = ToolCall {
-        id: "call_1".into(),
-        name: "move".into(),
-        arguments: r#"{"dir": "left"}"#.into(),
-    };
-    let result = ToolResult {
-        id: "call_1".into(),
-        name: "move".into(),
-        result: "you see a wall".into(),
-    };
+    let call = ToolCall { id: "call_1".into(), name: "move".into(), arguments: r#"{"dir": "left"}"#.into() };
+    let result = ToolResult { id: "call_1".into(), name: "move".into(), result: "you see a wall".into() };
     let mut system = serde_json::Map::new();
     system.insert("mission".into(), json!("go to the red ball"));
     InferenceRecord {
@@ -92,17 +72,12 @@ pub fn rich_inference() -> InferenceRecord {
                         arguments: json!({"grid": [[0, 1], [2, 3]], "carrying": null}),
                     }],
                 },
-                InputMessage {
-                    role: Role::Assistant,
-                    content: vec![ContentBlock::ToolCall(call.clone())],
-                },
+                InputMessage { role: Role::Assistant, content: vec![ContentBlock::ToolCall(call.clone())] },
                 InputMessage {
                     role: Role::User,
                     content: vec![
                         ContentBlock::ToolResult(result.clone()),
-                        ContentBlock::RawText {
-                            value: "héllo \"quoted\" ✓".into(),
-                        },
+                        ContentBlock::RawText { value: "héllo \"quoted\" ✓".into() },
                     ],
                 },
             ],
@@ -110,20 +85,9 @@ pub fn rich_inference() -> InferenceRecord {
         rendered: RenderedRequest {
             system: Some("You are an agent. Mission: go to the red ball".into()),
             messages: vec![
-                RenderedMessage {
-                    role: Role::User,
-                    content: vec![RenderedBlock::Text {
-                        text: "grid ...".into(),
-                    }],
-                },
-                RenderedMessage {
-                    role: Role::Assistant,
-                    content: vec![RenderedBlock::ToolCall(call)],
-                },
-                RenderedMessage {
-                    role: Role::User,
-                    content: vec![RenderedBlock::ToolResult(result)],
-                },
+                RenderedMessage { role: Role::User, content: vec![RenderedBlock::Text { text: "grid ...".into() }] },
+                RenderedMessage { role: Role::Assistant, content: vec![RenderedBlock::ToolCall(call)] },
+                RenderedMessage { role: Role::User, content: vec![RenderedBlock::ToolResult(result)] },
             ],
             tools: vec![ToolDefinition {
                 name: "move".into(),
@@ -134,9 +98,7 @@ pub fn rich_inference() -> InferenceRecord {
         },
         output: InferenceOutput::Chat {
             content: vec![
-                ContentBlock::Text {
-                    text: "Going forward.".into(),
-                },
+                ContentBlock::Text { text: "Going forward.".into() },
                 ContentBlock::ToolCall(ToolCall {
                     id: "call_2".into(),
                     name: "move".into(),
@@ -146,17 +108,11 @@ pub fn rich_inference() -> InferenceRecord {
         },
         model_name: "openai::gpt-4.1-mini".into(),
         provider_name: "openai".into(),
-        usage: Usage {
-            input_tokens: 1234,
-            output_tokens: u32::MAX,
-        },
+        usage: Usage { input_tokens: 1234, output_tokens: u32::MAX },
         latency_ms: 812.25,
         ttft_ms: Some(97.5),
         cost: Some(0.000_123_4),
-        tags: BTreeMap::from([
-            ("env".to_owned(), "babyai".to_owned()),
-            ("split".to_owned(), "train".to_owned()),
-        ]),
+        tags: BTreeMap::from([("env".to_owned(), "babyai".to_owned()), ("split".to_owned(), "train".to_owned())]),
         params: json!({"temperature": 0.7, "max_tokens": 256, "seed": 42}),
         finish_reason: Some("tool_calls".into()),
         ..inference("babyai::act", "teacher", new_id())
@@ -174,12 +130,7 @@ pub fn json_inference() -> InferenceRecord {
     }
 }
 
-pub fn feedback(
-    target_level: MetricLevel,
-    target_id: Uuid,
-    metric_name: &str,
-    value: FeedbackValue,
-) -> FeedbackRecord {
+pub fn feedback(target_level: MetricLevel, target_id: Uuid, metric_name: &str, value: FeedbackValue) -> FeedbackRecord {
     FeedbackRecord {
         id: new_id(),
         metric_name: metric_name.into(),

@@ -57,6 +57,10 @@ pub fn serve(dir: &Path, config_text: &str) -> ServedGateway {
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line: {line:?}")).to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
     ServedGateway { child, url: format!("http://{addr}"), db: dir.join("apprentice.db") }
 }
