@@ -296,8 +296,8 @@ impl Gateway {
             Ok(routed) => &routed.failures,
             Err(all) => &all.failures,
         };
-        for (provider, error) in failures {
-            tracing::warn!(model = %prepared.model_name, provider, %error, "provider failed");
+        // The router already logs each failure; here it is only counted.
+        for (provider, _) in failures {
             self.metrics.provider_error(&prepared.model_name, provider);
         }
         result

@@ -34,6 +34,8 @@ struct VariantSummary {
     mean_latency_ms: f64,
     total_cost: f64,
     mean_helpfulness: Option<f64>,
+    /// Which provider of the variant's model answered, and how often (fallback shows here).
+    answered_by: BTreeMap<String, u64>,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -131,6 +133,7 @@ async fn summarize(gateway: &Gateway) -> anyhow::Result<BTreeMap<String, Variant
     for inference in &inferences {
         let row = summary.entry(inference.variant_name.clone()).or_default();
         row.inferences += 1;
+        *row.answered_by.entry(inference.provider_name.clone()).or_default() += 1;
         row.mean_latency_ms += inference.latency_ms;
         row.total_cost += inference.cost.unwrap_or(0.0);
         for feedback in gateway.store.feedback_for(inference.id).await? {
@@ -157,19 +160,20 @@ async fn summarize(gateway: &Gateway) -> anyhow::Result<BTreeMap<String, Variant
 
 fn print_table(summary: &BTreeMap<String, VariantSummary>) {
     println!(
-        "\n{:<10} {:>10} {:>9} {:>9} {:>12} {:>12} {:>12}",
+        "\n{:<10} {:>10} {:>9} {:>9} {:>12} {:>12} {:>12}  answered by",
         "variant", "inferences", "episodes", "resolved", "latency ms", "cost", "helpfulness"
     );
     for (variant, row) in summary {
         println!(
-            "{:<10} {:>10} {:>9} {:>9} {:>12.3} {:>12.6} {:>12}",
+            "{:<10} {:>10} {:>9} {:>9} {:>12.3} {:>12.6} {:>12}  {}",
             variant,
             row.inferences,
             row.episodes,
             row.resolved_episodes,
             row.mean_latency_ms,
             row.total_cost,
-            row.mean_helpfulness.map(|h| format!("{h:.2}")).unwrap_or_else(|| "-".into())
+            row.mean_helpfulness.map(|h| format!("{h:.2}")).unwrap_or_else(|| "-".into()),
+            row.answered_by.iter().map(|(p, n)| format!("{p}×{n}")).collect::<Vec<_>>().join(", ")
         );
     }
 }
