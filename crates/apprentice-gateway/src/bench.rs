@@ -284,6 +284,14 @@ impl BenchReport {
             "added latency (gateway - direct): p50 {:+.3} ms, p99 {:+.3} ms",
             self.added_p50_ms, self.added_p99_ms
         );
+        if let (Some(direct), Some(openai)) = (self.rows.first(), self.rows.get(2)) {
+            let _ = writeln!(
+                out,
+                "added latency (gateway openai - direct): p50 {:+.3} ms, p99 {:+.3} ms",
+                openai.p50_ms - direct.p50_ms,
+                openai.p99_ms - direct.p99_ms
+            );
+        }
         let _ = writeln!(
             out,
             "recorded: {} inferences in {} ({} successful gateway requests)",
@@ -726,7 +734,7 @@ mod tests {
         for row in &report.rows {
             assert_eq!(row.requests, 200, "{}: every scheduled request is counted", row.target);
             assert_eq!(row.errors, 0, "{}: no request fails", row.target);
-            assert!(row.achieved_rps > 150.0 && row.achieved_rps < 250.0, "{}: {} req/s", row.target, row.achieved_rps);
+            assert!(row.achieved_rps > 100.0 && row.achieved_rps < 300.0, "{}: {} req/s", row.target, row.achieved_rps);
             assert!(row.p50_ms > 0.0 && row.p50_ms <= row.p99_ms && row.p99_ms <= row.max_ms, "{row:?}");
         }
         // Warm-up included: 240 per gateway row.
