@@ -258,25 +258,22 @@ impl Gateway {
 
     /// Calls the model, retrying the whole routing chain as the variant allows.
     pub async fn call(&self, prepared: &Prepared) -> Result<Routed<ProviderResponse>, ApiError> {
-        let mut attempt = 0;
-        loop {
-            let result = prepared.router.infer(&prepared.model_request).await;
-            match self.note_failures(prepared, result) {
-                Ok(routed) => return Ok(routed),
-                Err(e) if attempt >= prepared.retries.num_retries => return Err(ApiError::upstream(e.to_string())),
-                Err(_) => {
-                    tokio::time::sleep(backoff(attempt, prepared.retries.max_delay_s)).await;
-                    attempt += 1;
-                }
-            }
-        }
+        self.with_retries(prepared, || prepared.router.infer(&prepared.model_request)).await
     }
 
+    /// Starts a streamed answer; only failures before the first chunk are retried.
     pub async fn call_stream(&self, prepared: &Prepared) -> Result<Routed<ChunkStream>, ApiError> {
+        self.with_retries(prepared, || prepared.router.infer_stream(&prepared.model_request)).await
+    }
+
+    async fn with_retries<T, F, Fut>(&self, prepared: &Prepared, attempt_once: F) -> Result<Routed<T>, ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Routed<T>, AllProvidersFailed>>,
+    {
         let mut attempt = 0;
         loop {
-            let result = prepared.router.infer_stream(&prepared.model_request).await;
-            match self.note_failures(prepared, result) {
+            match self.note_failures(prepared, attempt_once().await) {
                 Ok(routed) => return Ok(routed),
                 Err(e) if attempt >= prepared.retries.num_retries => return Err(ApiError::upstream(e.to_string())),
                 Err(_) => {

@@ -70,6 +70,22 @@ type = "dummy"
 behavior = "fixed"
 content = "backup answer"
 
+[models.solo]
+routing = ["primary"]
+[models.solo.providers.primary]
+type = "openai"
+model_name = "gpt-test"
+api_base = "{upstream}"
+
+[functions.retrying]
+type = "chat"
+[functions.retrying.variants.patient]
+model = "solo"
+retries = {{ num_retries = 2, max_delay_s = 0.01 }}
+[functions.retrying.variants.impatient]
+model = "solo"
+weight = 0.0
+
 [models.caller]
 routing = ["dummy"]
 [models.caller.providers.dummy]
@@ -278,6 +294,24 @@ async fn falls_back_to_the_next_provider_and_records_which_answered() {
         metrics.contains("apprentice_provider_errors_total{model=\"teacher\",provider=\"primary\"} 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn variant_retries_the_model_and_reports_upstream_failure_as_502() {
+    let h = Harness::start(2).await;
+    let body = json!({"function_name": "retrying", "variant_name": "impatient", "input": {"messages": [{"role": "user", "content": "hi"}]}});
+    let (status, error) = h.post("/inference", body).await;
+    assert_eq!(status, 502, "{error}");
+    assert_eq!(error["error"]["type"], "upstream_error");
+    assert!(error["error"]["message"].as_str().unwrap().contains("500"), "{error}");
+    assert_eq!(h.upstream.calls.load(Ordering::SeqCst), 1, "no retries configured");
+
+    // One failure left upstream: two retries are enough.
+    let body = json!({"function_name": "retrying", "variant_name": "patient", "input": {"messages": [{"role": "user", "content": "hi"}]}});
+    let (status, answer) = h.post("/inference", body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(h.upstream.calls.load(Ordering::SeqCst), 3, "failed once more, then succeeded on the retry");
+    assert_eq!(h.gateway().store.count_inferences().await.unwrap(), 1, "failed calls are not recorded as inferences");
 }
 
 #[tokio::test]
