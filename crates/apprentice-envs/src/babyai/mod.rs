@@ -1,0 +1,1 @@
+//! BabyAI-Text. (being written)

@@ -1,0 +1,142 @@
+//! Agentic environments, shaped like llmgym's: an env declares its functions, tools, metrics and
+//! horizon; `reset(task)` gives the first observation; `step(action)` gives the next observation,
+//! the feedback on that step and on the episode, and whether the episode ended.
+//!
+//! Task instances are addressed by split and index and are fully determined by them, so a task
+//! replays identically on every run and machine.
+
+pub mod babyai;
+
+use std::fmt;
+use std::str::FromStr;
+
+use apprentice_core::config::{MetricType, Optimize};
+use apprentice_core::{ContentBlock, FeedbackValue, Input, MetricLevel};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+impl Split {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl FromStr for Split {
+    type Err = EnvError;
+    fn from_str(s: &str) -> Result<Self, EnvError> {
+        match s {
+            "train" => Ok(Split::Train),
+            "test" => Ok(Split::Test),
+            other => Err(EnvError::BadTask(format!("unknown split `{other}`; expected `train` or `test`"))),
+        }
+    }
+}
+
+/// One task instance: `train/17`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId {
+    pub split: Split,
+    pub index: u64,
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.split.as_str(), self.index)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = EnvError;
+    fn from_str(s: &str) -> Result<Self, EnvError> {
+        let (split, index) = s
+            .split_once('/')
+            .ok_or_else(|| EnvError::BadTask(format!("`{s}` is not SPLIT/INDEX, e.g. train/17")))?;
+        let index = index.parse().map_err(|_| EnvError::BadTask(format!("`{index}` in `{s}` is not a task index")))?;
+        Ok(TaskId { split: split.parse()?, index })
+    }
+}
+
+/// A function the env's agent calls, with the argument schemas and templates it expects.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    pub name: String,
+    pub system_schema: Value,
+    pub user_schema: Value,
+    pub system_template: String,
+    pub user_template: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricSpec {
+    pub name: String,
+    pub kind: MetricType,
+    pub level: MetricLevel,
+    pub optimize: Optimize,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnvSpec {
+    pub name: String,
+    pub functions: Vec<FunctionSpec>,
+    pub tools: Vec<apprentice_core::ToolDefinition>,
+    pub metrics: Vec<MetricSpec>,
+    /// The most steps any task of this env can take.
+    pub horizon: u32,
+}
+
+/// What the agent sees before acting: the function to call and its whole structured input
+/// (system arguments and the conversation so far, ending with the newest observation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub function_name: String,
+    pub input: Input,
+}
+
+/// Metric values produced by one step: on the inference that chose the action, and (when the
+/// episode ends) on the episode.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Feedback {
+    pub inference: Vec<(String, FeedbackValue)>,
+    pub episode: Vec<(String, FeedbackValue)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    pub observation: Observation,
+    pub feedback: Feedback,
+    /// The task was completed or failed for good.
+    pub terminated: bool,
+    /// The step budget ran out.
+    pub truncated: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    #[error("bad task: {0}")]
+    BadTask(String),
+    #[error("step called before reset or after the episode ended")]
+    NotRunning,
+    #[error("{0}")]
+    Other(String),
+}
+
+pub trait Env: Send {
+    fn spec(&self) -> &EnvSpec;
+    fn num_tasks(&self, split: Split) -> u64;
+    fn reset(&mut self, task: TaskId) -> Result<Observation, EnvError>;
+    /// Applies the agent's answer (free-form text and/or tool calls; the env parses it leniently).
+    fn step(&mut self, action: &[ContentBlock]) -> Result<StepOutcome, EnvError>;
+    /// The scripted expert's next action from the current state, as the text an agent would answer.
+    /// The expert re-plans from the state it finds, so it recovers from actions that were not its own.
+    fn expert_action(&mut self) -> Option<String>;
+    /// The actions a uniformly random (noisy) policy draws from.
+    fn action_space(&self) -> Vec<String>;
+}
