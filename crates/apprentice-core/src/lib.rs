@@ -7,6 +7,7 @@ pub mod config;
 pub mod content;
 pub mod ids;
 pub mod record;
+pub mod render;
 pub mod templates;
 
 pub use config::{Config, ConfigError};

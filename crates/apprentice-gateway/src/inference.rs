@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use apprentice_core::config::{
     FunctionConfig, FunctionKind, JsonMode, Schema, ToolChoice, VariantConfig, DEFAULT_FUNCTION,
 };
-use apprentice_core::record::{RenderedBlock, RenderedMessage, RenderedRequest};
+use apprentice_core::record::RenderedRequest;
+use apprentice_core::render::render_input;
 use apprentice_core::{
-    new_id, ContentBlock, InferenceOutput, InferenceRecord, Input, JsonOutput, SystemInput, ToolDefinition, Usage,
+    new_id, ContentBlock, InferenceOutput, InferenceRecord, Input, JsonOutput, ToolDefinition, Usage,
 };
 use apprentice_store::Record;
 use serde_json::{json, Value};
@@ -124,7 +125,8 @@ impl Gateway {
             ApiError::upstream(format!("variant `{variant_name}` names model `{}` that has no router", variant.model))
         })?;
 
-        let rendered = self.render(&function_name, function, &variant_name, &request.input)?;
+        let rendered = render_input(&self.config.templates, &function_name, function, &variant_name, &request.input)
+            .map_err(|e| ApiError::bad_request(e.kind, e.field, e.message))?;
         let mut tools = function.map(|f| self.config.tools_of(f)).unwrap_or_default();
         for tool in request.extra_tools {
             if tools.iter().any(|t| t.name == tool.name) {
@@ -165,95 +167,6 @@ impl Gateway {
             output_schema,
             started,
         })
-    }
-
-    /// Applies the variant's templates to the structured input, validating arguments against the
-    /// function's schemas first. Errors name the input field that is wrong.
-    fn render(
-        &self,
-        function_name: &str,
-        function: Option<&FunctionConfig>,
-        variant: &str,
-        input: &Input,
-    ) -> Result<RenderedRequest, ApiError> {
-        let templates = &self.config.templates;
-        let system = match &input.system {
-            None => None,
-            Some(SystemInput::Text(text)) => {
-                if function.is_some_and(|f| f.system_schema.is_some()) {
-                    return Err(ApiError::bad_request("invalid_input", "input.system", format!("function `{function_name}` has a system_schema: give system arguments as an object, not text")));
-                }
-                Some(text.clone())
-            }
-            Some(SystemInput::Arguments(arguments)) => {
-                let arguments = Value::Object(arguments.clone());
-                if let Some(schema) = function.and_then(|f| f.system_schema.as_ref()) {
-                    schema
-                        .validate(&arguments)
-                        .map_err(|e| ApiError::bad_request("invalid_arguments", "input.system", e))?;
-                }
-                if !templates.has(function_name, variant, "system") {
-                    return Err(ApiError::bad_request(
-                        "invalid_input",
-                        "input.system",
-                        format!("variant `{variant}` has no system template to render these arguments with"),
-                    ));
-                }
-                Some(
-                    templates
-                        .render(function_name, variant, "system", &arguments)
-                        .map_err(|e| ApiError::bad_request("template_error", "input.system", e))?,
-                )
-            }
-        };
-
-        let mut messages = Vec::with_capacity(input.messages.len());
-        for (i, message) in input.messages.iter().enumerate() {
-            let mut content = Vec::with_capacity(message.content.len());
-            for (j, block) in message.content.iter().enumerate() {
-                let field = || format!("input.messages[{i}].content[{j}]");
-                let rendered = match block {
-                    ContentBlock::Text { text } => {
-                        if function.is_some_and(|f| f.schema_for(message.role.as_str()).is_some()) {
-                            return Err(ApiError::bad_request(
-                                "invalid_input",
-                                field(),
-                                format!(
-                                    "function `{function_name}` has a {}_schema: give template arguments, not text",
-                                    message.role.as_str()
-                                ),
-                            ));
-                        }
-                        RenderedBlock::Text { text: text.clone() }
-                    }
-                    ContentBlock::RawText { value } => RenderedBlock::Text { text: value.clone() },
-                    ContentBlock::Template { name, arguments } => {
-                        let name = message.template_name(name);
-                        if let Some(schema) = function.and_then(|f| f.schema_for(name)) {
-                            schema
-                                .validate(arguments)
-                                .map_err(|e| ApiError::bad_request("invalid_arguments", field(), e))?;
-                        }
-                        if function.is_none() || !templates.has(function_name, variant, name) {
-                            return Err(ApiError::bad_request(
-                                "invalid_input",
-                                field(),
-                                format!("variant `{variant}` has no `{name}` template"),
-                            ));
-                        }
-                        let text = templates
-                            .render(function_name, variant, name, arguments)
-                            .map_err(|e| ApiError::bad_request("template_error", field(), e))?;
-                        RenderedBlock::Text { text }
-                    }
-                    ContentBlock::ToolCall(call) => RenderedBlock::ToolCall(call.clone()),
-                    ContentBlock::ToolResult(result) => RenderedBlock::ToolResult(result.clone()),
-                };
-                content.push(rendered);
-            }
-            messages.push(RenderedMessage { role: message.role, content });
-        }
-        Ok(RenderedRequest { system, messages, tools: Vec::new() })
     }
 
     /// Calls the model, retrying the whole routing chain as the variant allows.
