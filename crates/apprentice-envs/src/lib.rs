@@ -6,6 +6,7 @@
 //! replays identically on every run and machine.
 
 pub mod babyai;
+pub mod rollout;
 
 use std::fmt;
 use std::str::FromStr;
@@ -56,9 +57,8 @@ impl fmt::Display for TaskId {
 impl FromStr for TaskId {
     type Err = EnvError;
     fn from_str(s: &str) -> Result<Self, EnvError> {
-        let (split, index) = s
-            .split_once('/')
-            .ok_or_else(|| EnvError::BadTask(format!("`{s}` is not SPLIT/INDEX, e.g. train/17")))?;
+        let (split, index) =
+            s.split_once('/').ok_or_else(|| EnvError::BadTask(format!("`{s}` is not SPLIT/INDEX, e.g. train/17")))?;
         let index = index.parse().map_err(|_| EnvError::BadTask(format!("`{index}` in `{s}` is not a task index")))?;
         Ok(TaskId { split: split.parse()?, index })
     }
@@ -139,4 +139,66 @@ pub trait Env: Send {
     fn expert_action(&mut self) -> Option<String>;
     /// The actions a uniformly random (noisy) policy draws from.
     fn action_space(&self) -> Vec<String>;
+}
+
+impl EnvSpec {
+    /// The gateway configuration (TOML) for this env: its functions with one variant each served by
+    /// `model`, with the env's schemas and templates, and its metrics. Append a `[models.MODEL]`
+    /// section and the gateway can serve an LLM policy for the env.
+    pub fn gateway_config(&self, model: &str, variant: &str) -> Result<String, EnvError> {
+        let to_toml = |value: &Value| {
+            toml::Value::try_from(value).map_err(|e| EnvError::Other(format!("schema not expressible in TOML: {e}")))
+        };
+        let mut functions = toml::Table::new();
+        for function in &self.functions {
+            let mut variant_table = toml::Table::new();
+            variant_table.insert("model".into(), model.into());
+            variant_table.insert("system_template".into(), function.system_template.clone().into());
+            variant_table.insert("user_template".into(), function.user_template.clone().into());
+            let mut table = toml::Table::new();
+            table.insert("type".into(), "chat".into());
+            table.insert("system_schema".into(), to_toml(&function.system_schema)?);
+            table.insert("user_schema".into(), to_toml(&function.user_schema)?);
+            if !self.tools.is_empty() {
+                let names: Vec<toml::Value> = self.tools.iter().map(|t| t.name.clone().into()).collect();
+                table.insert("tools".into(), names.into());
+            }
+            table.insert(
+                "variants".into(),
+                toml::Table::from_iter([(variant.to_string(), variant_table.into())]).into(),
+            );
+            functions.insert(function.name.clone(), table.into());
+        }
+        let mut tools = toml::Table::new();
+        for tool in &self.tools {
+            let mut table = toml::Table::new();
+            table.insert("description".into(), tool.description.clone().into());
+            table.insert("parameters".into(), to_toml(&tool.parameters)?);
+            tools.insert(tool.name.clone(), table.into());
+        }
+        let mut metrics = toml::Table::new();
+        for metric in &self.metrics {
+            let kind = match metric.kind {
+                MetricType::Boolean => "boolean",
+                MetricType::Float => "float",
+            };
+            let optimize = match metric.optimize {
+                Optimize::Max => "max",
+                Optimize::Min => "min",
+            };
+            let table = toml::Table::from_iter([
+                ("type".to_string(), kind.into()),
+                ("level".to_string(), metric.level.as_str().into()),
+                ("optimize".to_string(), optimize.into()),
+            ]);
+            metrics.insert(metric.name.clone(), table.into());
+        }
+        let mut root = toml::Table::new();
+        root.insert("functions".into(), functions.into());
+        if !tools.is_empty() {
+            root.insert("tools".into(), tools.into());
+        }
+        root.insert("metrics".into(), metrics.into());
+        toml::to_string(&root).map_err(|e| EnvError::Other(e.to_string()))
+    }
 }

@@ -1,1 +1,3 @@
 //! BabyAI-Text. (being written)
+
+pub mod world;
