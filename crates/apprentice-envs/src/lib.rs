@@ -11,7 +11,9 @@ pub mod rollout;
 use std::fmt;
 use std::str::FromStr;
 
-use apprentice_core::config::{MetricType, Optimize};
+use apprentice_core::config::{FunctionConfig, FunctionKind, MetricType, Optimize, Schema, ToolChoice};
+use apprentice_core::render::render_input;
+use apprentice_core::templates::Templates;
 use apprentice_core::{ContentBlock, FeedbackValue, Input, MetricLevel};
 use serde_json::Value;
 
@@ -74,6 +76,44 @@ pub struct FunctionSpec {
     pub user_template: String,
 }
 
+impl FunctionSpec {
+    /// The function as the gateway would configure it, for validating and rendering its inputs.
+    pub fn config(&self, tools: &[apprentice_core::ToolDefinition]) -> Result<FunctionConfig, EnvError> {
+        let schema =
+            |value: &Value| Schema::compile(value.clone()).map_err(|e| EnvError::Other(format!("{}: {e}", self.name)));
+        Ok(FunctionConfig {
+            kind: FunctionKind::Chat,
+            description: String::new(),
+            system_schema: Some(schema(&self.system_schema)?),
+            user_schema: Some(schema(&self.user_schema)?),
+            assistant_schema: None,
+            output_schema: None,
+            tools: tools.iter().map(|t| t.name.clone()).collect(),
+            tool_choice: ToolChoice::Auto,
+            parallel_tool_calls: None,
+            variants: Default::default(),
+        })
+    }
+
+    /// The env's templates registered under `variant`.
+    pub fn templates(&self, variant: &str) -> Result<Templates, EnvError> {
+        let mut templates = Templates::new();
+        for (role, source) in [("system", &self.system_template), ("user", &self.user_template)] {
+            templates
+                .add(&self.name, variant, role, source.clone())
+                .map_err(|e| EnvError::Other(format!("{}: {e}", self.name)))?;
+        }
+        Ok(templates)
+    }
+
+    /// Renders an observation's input as the model would be sent it.
+    pub fn render(&self, variant: &str, input: &Input) -> Result<apprentice_core::RenderedRequest, EnvError> {
+        let config = self.config(&[])?;
+        render_input(&self.templates(variant)?, &self.name, Some(&config), variant, input)
+            .map_err(|e| EnvError::Other(e.to_string()))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MetricSpec {
     pub name: String,
@@ -122,6 +162,8 @@ pub struct StepOutcome {
 pub enum EnvError {
     #[error("bad task: {0}")]
     BadTask(String),
+    #[error("unknown env `{name}`; known envs: {known}")]
+    UnknownEnv { name: String, known: String },
     #[error("step called before reset or after the episode ended")]
     NotRunning,
     #[error("{0}")]
@@ -201,4 +243,41 @@ impl EnvSpec {
         root.insert("metrics".into(), metrics.into());
         toml::to_string(&root).map_err(|e| EnvError::Other(e.to_string()))
     }
+}
+
+impl Env for Box<dyn Env> {
+    fn spec(&self) -> &EnvSpec {
+        (**self).spec()
+    }
+    fn num_tasks(&self, split: Split) -> u64 {
+        (**self).num_tasks(split)
+    }
+    fn reset(&mut self, task: TaskId) -> Result<Observation, EnvError> {
+        (**self).reset(task)
+    }
+    fn step(&mut self, action: &[ContentBlock]) -> Result<StepOutcome, EnvError> {
+        (**self).step(action)
+    }
+    fn expert_action(&mut self) -> Option<String> {
+        (**self).expert_action()
+    }
+    fn action_space(&self) -> Vec<String> {
+        (**self).action_space()
+    }
+}
+
+/// The envs apprentice ships, by name.
+pub const ENVS: &[&str] = &["babyai"];
+
+/// Builds a fresh instance of a shipped env.
+pub fn make_env(name: &str) -> Result<Box<dyn Env>, EnvError> {
+    match name {
+        "babyai" => babyai_env(),
+        other => Err(EnvError::UnknownEnv { name: other.to_string(), known: ENVS.join(", ") }),
+    }
+}
+
+// Until the BabyAI env is complete, asking for it is an error rather than a stub.
+fn babyai_env() -> Result<Box<dyn Env>, EnvError> {
+    Err(EnvError::Other("the babyai env is not built yet".into()))
 }

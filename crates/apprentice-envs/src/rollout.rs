@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use apprentice_core::config::{FunctionConfig, FunctionKind, Schema, ToolChoice};
+use apprentice_core::config::FunctionConfig;
 use apprentice_core::render::render_input;
 use apprentice_core::templates::Templates;
 use apprentice_core::{
@@ -323,23 +323,9 @@ struct ExpertSink {
 impl ExpertSink {
     fn new(spec: &EnvSpec, epsilon: f64, recorder: Arc<Recorder>) -> Result<Self, RolloutError> {
         let function = spec.functions.first().cloned().ok_or(RolloutError::NoExpert)?;
-        let render_error = |message: String| RolloutError::Render { function: function.name.clone(), message };
         let variant = Policy::expert_variant(epsilon);
-        let mut templates = Templates::new();
-        templates.add(&function.name, &variant, "system", function.system_template.clone()).map_err(render_error)?;
-        templates.add(&function.name, &variant, "user", function.user_template.clone()).map_err(render_error)?;
-        let function_config = FunctionConfig {
-            kind: FunctionKind::Chat,
-            description: String::new(),
-            system_schema: Some(Schema::compile(function.system_schema.clone()).map_err(render_error)?),
-            user_schema: Some(Schema::compile(function.user_schema.clone()).map_err(render_error)?),
-            assistant_schema: None,
-            output_schema: None,
-            tools: spec.tools.iter().map(|t| t.name.clone()).collect(),
-            tool_choice: ToolChoice::Auto,
-            parallel_tool_calls: None,
-            variants: BTreeMap::new(),
-        };
+        let templates = function.templates(&variant)?;
+        let function_config = function.config(&spec.tools)?;
         Ok(Self {
             model: format!("expert::{}?epsilon={epsilon}", spec.name),
             recorder,

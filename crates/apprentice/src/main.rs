@@ -1,6 +1,7 @@
 //! The `apprentice` command line: each command is a thin call into a library crate.
 
 mod demo;
+mod envs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +40,14 @@ enum Command {
     },
     /// Run the main job end to end on embedded defaults.
     Demo(demo::DemoArgs),
+    /// Play tasks of an env with a policy (the expert, noisy or not, or a function served by a
+    /// gateway) and record every step with its feedback.
+    Rollout(envs::RolloutArgs),
+    /// Agentic environments: play one yourself, or print the gateway config for one.
+    Env {
+        #[command(subcommand)]
+        command: envs::EnvCommand,
+    },
     /// Benchmarks; each prints a table and can write JSON.
     Bench {
         #[command(subcommand)]
@@ -124,6 +133,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Rollout(args) => envs::run_rollout(args).await,
+        Command::Env { command } => envs::run_env(command),
         Command::Bench {
             bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json },
         } => {

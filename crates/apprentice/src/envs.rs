@@ -1,0 +1,184 @@
+//! `apprentice rollout` and `apprentice env ...`: thin calls into apprentice-envs.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use apprentice_core::config::WriteMode;
+use apprentice_core::{Config, ContentBlock, InputMessage};
+use apprentice_envs::rollout::{rollout, Policy, RolloutOptions};
+use apprentice_envs::{make_env, Env, Split, TaskId};
+use apprentice_store::{Recorder, SqliteStore, Store};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(clap::Args)]
+pub struct RolloutArgs {
+    #[arg(long, default_value = "babyai")]
+    env: String,
+    #[arg(long, default_value = "train")]
+    split: String,
+    #[arg(long, default_value_t = 100)]
+    episodes: u64,
+    /// First task index; episodes play consecutive tasks from here.
+    #[arg(long, default_value_t = 0)]
+    start_index: u64,
+    /// `expert`, `expert?epsilon=0.3`, or `function::NAME[/VARIANT]` served by `--gateway`.
+    #[arg(long, default_value = "expert")]
+    policy: String,
+    /// The gateway serving function policies, e.g. http://127.0.0.1:3000.
+    #[arg(long)]
+    gateway: Option<String>,
+    /// Where expert steps are recorded: the store of this config...
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// ...or this SQLite file.
+    #[arg(long, default_value = "apprentice.db")]
+    store: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Seeds the noisy expert's random actions.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write every episode's summary as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum EnvCommand {
+    /// Play a task yourself in the terminal and see exactly what the model sees.
+    Play {
+        env: String,
+        #[arg(long, default_value = "train/0")]
+        task: String,
+    },
+    /// Print the gateway configuration (functions, templates, schemas, metrics) for an env.
+    Config {
+        env: String,
+        /// The model that serves the env's functions (add its [models.NAME] section yourself).
+        #[arg(long, default_value = "teacher")]
+        model: String,
+        #[arg(long, default_value = "teacher")]
+        variant: String,
+    },
+}
+
+pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
+    let split: Split = args.split.parse()?;
+    make_env(&args.env)?;
+    let policy = if args.policy.starts_with("expert") {
+        Policy::expert(&args.policy)?
+    } else {
+        let url = args.gateway.as_deref().context("a function policy needs --gateway URL")?;
+        Policy::gateway(url, &args.policy)?
+    };
+    let recorder = match policy {
+        Policy::Expert { .. } => {
+            let (path, mode) = match &args.config {
+                Some(config) => {
+                    let config = Config::load(config)?;
+                    (config.store.path, config.store.write_mode)
+                }
+                None => (args.store.clone(), WriteMode::Durable),
+            };
+            let store: Arc<dyn Store> = Arc::new(
+                SqliteStore::open(&path, mode)
+                    .await
+                    .with_context(|| format!("cannot open store {}", path.display()))?,
+            );
+            Some(Arc::new(Recorder::spawn(store, mode, 10_000, None)))
+        }
+        Policy::Gateway { .. } => None,
+    };
+    let options = RolloutOptions {
+        split,
+        start_index: args.start_index,
+        episodes: args.episodes,
+        concurrency: args.concurrency,
+        seed: args.seed,
+    };
+    let bar = ProgressBar::new(args.episodes).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} episodes ({per_sec}, eta {eta})")?
+            .progress_chars("=> "),
+    );
+    bar.set_message(args.policy.clone());
+    let env_name = args.env.clone();
+    let make = move || make_env(&env_name).expect("env name checked above");
+    let summary = rollout(make, &policy, recorder.clone(), &options, |_| bar.inc(1)).await?;
+    bar.finish();
+    if let Some(recorder) = recorder {
+        recorder.shutdown().await?;
+    }
+    println!("{}", summary.table());
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn run_env(command: EnvCommand) -> anyhow::Result<()> {
+    match command {
+        EnvCommand::Config { env, model, variant } => {
+            print!("{}", make_env(&env)?.spec().gateway_config(&model, &variant)?);
+            Ok(())
+        }
+        EnvCommand::Play { env, task } => play(&env, task.parse()?),
+    }
+}
+
+/// Shows the rendered prompt exactly as a model would receive it, reads an answer, steps the env.
+fn play(env_name: &str, task: TaskId) -> anyhow::Result<()> {
+    let mut env = make_env(env_name)?;
+    let function = env.spec().functions.first().cloned().context("the env declares no function")?;
+    let mut observation = env.reset(task)?;
+    let rendered = function.render("play", &observation.input)?;
+    println!("== task {task} ==\n\n[system]\n{}\n", rendered.system.unwrap_or_default());
+    let stdin = std::io::stdin();
+    let mut steps = 0;
+    loop {
+        if let Some(last) = observation.input.messages.last() {
+            print_user(&function, &observation.input.system, last)?;
+        }
+        print!("your answer> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            return Ok(());
+        }
+        let outcome = env.step(&[ContentBlock::Text { text: line.trim().to_string() }])?;
+        steps += 1;
+        for (metric, value) in &outcome.feedback.inference {
+            println!("  {metric}: {value:?}");
+        }
+        if outcome.terminated || outcome.truncated {
+            for (metric, value) in &outcome.feedback.episode {
+                println!("  episode {metric}: {value:?}");
+            }
+            println!(
+                "episode over after {steps} steps ({})",
+                if outcome.terminated { "terminated" } else { "truncated" }
+            );
+            return Ok(());
+        }
+        observation = outcome.observation;
+    }
+}
+
+fn print_user(
+    function: &apprentice_envs::FunctionSpec,
+    system: &Option<apprentice_core::SystemInput>,
+    message: &InputMessage,
+) -> anyhow::Result<()> {
+    let input = apprentice_core::Input { system: system.clone(), messages: vec![message.clone()] };
+    let rendered = function.render("play", &input)?;
+    for block in rendered.messages.iter().flat_map(|m| &m.content) {
+        match block {
+            apprentice_core::RenderedBlock::Text { text } => println!("[user]\n{text}\n"),
+            other => bail!("unexpected block in an observation: {other:?}"),
+        }
+    }
+    Ok(())
+}
