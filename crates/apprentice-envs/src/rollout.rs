@@ -177,7 +177,7 @@ where
     let sink = match policy {
         Policy::Expert { epsilon } => {
             let recorder = recorder.ok_or_else(|| RolloutError::Policy("expert rollouts need a store".into()))?;
-            Sink::Expert(ExpertSink::new(&spec, *epsilon, recorder)?)
+            Sink::Expert(Box::new(ExpertSink::new(&spec, *epsilon, recorder)?))
         }
         Policy::Gateway { url, function_name, variant_name } => Sink::Gateway(GatewaySink {
             client: reqwest::Client::new(),
@@ -279,7 +279,7 @@ async fn play_episode<E: Env>(
 }
 
 enum Sink {
-    Expert(ExpertSink),
+    Expert(Box<ExpertSink>),
     Gateway(GatewaySink),
 }
 
