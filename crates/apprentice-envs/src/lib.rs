@@ -272,12 +272,7 @@ pub const ENVS: &[&str] = &["babyai"];
 /// Builds a fresh instance of a shipped env.
 pub fn make_env(name: &str) -> Result<Box<dyn Env>, EnvError> {
     match name {
-        "babyai" => babyai_env(),
+        "babyai" => Ok(Box::new(babyai::BabyAi::new())),
         other => Err(EnvError::UnknownEnv { name: other.to_string(), known: ENVS.join(", ") }),
     }
-}
-
-// Until the BabyAI env is complete, asking for it is an error rather than a stub.
-fn babyai_env() -> Result<Box<dyn Env>, EnvError> {
-    Err(EnvError::Other("the babyai env is not built yet".into()))
 }

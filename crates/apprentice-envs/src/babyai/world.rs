@@ -724,11 +724,12 @@ impl World {
     /// The agent's 7×7 view and what of it is visible.
     ///
     /// Occlusion follows MiniGrid's `process_vis`: starting from the agent's cell, row by row from
-    /// the agent's row outwards, visibility spreads from every visible transparent cell to its
+    /// the agent's row outwards, visibility spreads from every visible see-through cell to its
     /// neighbour on the right (sweeping left to right) and on the left (sweeping right to left),
-    /// and to the cells diagonally and straight ahead of them. Walls and closed or locked doors are
-    /// themselves seen but pass nothing on. This reproduces what BabyAI agents see (and is cheaper
-    /// and more permissive than exact ray casting, e.g. it lets sight round a single pillar).
+    /// and to the cells straight and diagonally ahead of them. Walls and closed or locked doors are
+    /// themselves seen but pass nothing on. This is what BabyAI agents see; it is more generous
+    /// than ray casting: sight runs sideways along a row, so through one gap in a wall the whole
+    /// row behind it shows.
     pub fn view(&self) -> View {
         let n = VIEW_SIZE as usize;
         // visible[f][c], f = forward (0 = agent row), c = column 0..7 from the agent's left.
