@@ -3,21 +3,27 @@
 //!
 //! The five families of BabyAI's "mixed local" suite, chosen by `index % 5`:
 //!
-//! | index % 5 | family            | layout                                  | mission                                  | max steps |
-//! |-----------|-------------------|-----------------------------------------|------------------------------------------|-----------|
-//! | 0         | goto              | one 8×8 room, 1 object                  | go to the X                              | 64        |
-//! | 1         | pickup            | one 8×8 room, 1 object                  | pick up the X                            | 64        |
-//! | 2         | open              | two 8×8 rooms sharing a wall (15×8), a locked door in it, its key in the agent's room | open the C door | 128 |
-//! | 3         | putnext           | one 8×8 room, 2 objects                 | put the X next to the Y                  | 128       |
-//! | 4         | pickup-then-goto  | one 8×8 room, 2 objects                 | pick up the X, then go to the Y / go to the Y after you pick up the X | 128 |
+//! | index % 5 | family           | mission                                          | max steps |
+//! |-----------|------------------|--------------------------------------------------|-----------|
+//! | 0         | goto             | go to the X                                      | 64        |
+//! | 1         | pickup           | pick up the X                                    | 64        |
+//! | 2         | open             | open the C door                                  | 128       |
+//! | 3         | putnext          | put the X next to the Y                          | 128       |
+//! | 4         | pickup-then-goto | pick up the X, then go to the Y                  | 128       |
+//! |           |                  | or: go to the Y after you pick up the X          |           |
 //!
+//! Layouts: one 8×8 room holding the mission's objects (one for goto and pickup, two for putnext
+//! and pickup-then-goto); for open, two 8×8 rooms side by side sharing a wall (15×8), a locked
+//! door of colour C in that wall, and the key of colour C in the agent's room (distractors go in
+//! either room). A goto task never starts with the agent already facing its target.
 //! "8×8" counts the walls, as BabyAI's `room_size` does, so a room has 6×6 free cells. A harder
 //! variant adds `distractors` more objects (BabyAI uses up to 8); every object in a task has a
 //! distinct colour–kind pair, so descriptors are always "the …".
 //!
 //! Train/test split: one colour per kind is held out of the train split entirely — never a target,
 //! never a distractor — and appears only in test: yellow key, purple ball, green box, grey door
-//! (4 of the 24 colour–kind pairs, a sixth). Each colour and each kind still appears in train. Test
+//! (4 of the 24 colour–kind pairs, a sixth). Each colour and each kind still appears in train; the
+//! open family's door and key share a colour, so in train that colour is never yellow or grey. Test
 //! tasks draw from all 24 pairs, so a test task names a held-out pair about as often as chance
 //! gives; [`Task::held_out`] marks those so evaluations can report them apart.
 //!

@@ -526,7 +526,7 @@ impl World {
                     width * 2
                 )));
             }
-            for (x, pair) in row.chunks(2).enumerate() {
+            for (x, pair) in row.chunks_exact(2).enumerate() {
                 let (a, b) = (pair[0], pair[1]);
                 let pos = Pos::new(x as i32, y as i32);
                 if let Some(dir) = Dir::from_arrow(a).filter(|_| a == b) {
