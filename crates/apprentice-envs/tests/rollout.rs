@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use apprentice_core::config::{MetricType, Optimize, WriteMode};
 use apprentice_core::{Config, ContentBlock, FeedbackValue, Input, InputMessage, MetricLevel, Role, SystemInput};
-use apprentice_envs::rollout::{rollout, Policy, RolloutOptions};
+use apprentice_envs::babyai::BabyAi;
+use apprentice_envs::rollout::{rollout, Policy, RolloutOptions, RolloutSummary};
 use apprentice_envs::{
     Env, EnvError, EnvSpec, Feedback, FunctionSpec, MetricSpec, Observation, Split, StepOutcome, TaskId,
 };
@@ -118,6 +119,32 @@ impl Env for Corridor {
     }
 }
 
+/// Every step is an inference of its episode with reward and progress feedback, and the episode's
+/// stored verdict (success, return) is the env's.
+async fn check_recorded(store: &dyn Store, summary: &RolloutSummary) {
+    for episode in &summary.episodes {
+        let steps = store
+            .inferences(&InferenceQuery { episode_id: Some(episode.episode_id), ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(steps.len() as u32, episode.steps);
+        assert!(steps.iter().all(|s| s.tags.get("task") == Some(&episode.task)));
+        for step in &steps {
+            let feedback = store.feedback_for(step.id).await.unwrap();
+            let names: Vec<&str> = feedback.iter().map(|f| f.metric_name.as_str()).collect();
+            assert_eq!(names, ["reward", "progress"]);
+        }
+        let verdict = store.feedback_for(episode.episode_id).await.unwrap();
+        assert_eq!(verdict.len(), 2);
+        assert_eq!(
+            verdict[0].value,
+            FeedbackValue::Boolean(episode.success),
+            "stored success matches the env's verdict"
+        );
+        assert_eq!(verdict[1].value, FeedbackValue::Float(episode.episode_return));
+    }
+}
+
 #[tokio::test]
 async fn noisy_expert_rollout_records_every_step_with_feedback() {
     let dir = tempfile::tempdir().unwrap();
@@ -144,27 +171,7 @@ async fn noisy_expert_rollout_records_every_step_with_feedback() {
     // The structured input is kept and the env's templates rendered it.
     let first = &inferences[0];
     assert_eq!(first.rendered.system.as_deref(), Some(&*format!("Walk {} cells. Answer forward, back or wait.", 2)));
-    for episode in &summary.episodes {
-        let steps = store
-            .inferences(&InferenceQuery { episode_id: Some(episode.episode_id), ..Default::default() })
-            .await
-            .unwrap();
-        assert_eq!(steps.len() as u32, episode.steps);
-        assert!(steps.iter().all(|s| s.tags.get("task") == Some(&episode.task)));
-        for step in &steps {
-            let feedback = store.feedback_for(step.id).await.unwrap();
-            let names: Vec<&str> = feedback.iter().map(|f| f.metric_name.as_str()).collect();
-            assert_eq!(names, ["reward", "progress"]);
-        }
-        let verdict = store.feedback_for(episode.episode_id).await.unwrap();
-        assert_eq!(verdict.len(), 2);
-        assert_eq!(
-            verdict[0].value,
-            FeedbackValue::Boolean(episode.success),
-            "stored success matches the env's verdict"
-        );
-        assert_eq!(verdict[1].value, FeedbackValue::Float(episode.episode_return));
-    }
+    check_recorded(store.as_ref(), &summary).await;
 }
 
 #[tokio::test]
@@ -226,5 +233,74 @@ async fn gateway_policy_with_a_mock_llm_records_the_same_way() {
         let verdict = store.feedback_for(episode.episode_id).await.unwrap();
         assert_eq!(verdict[0].value, FeedbackValue::Boolean(true));
     }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn babyai_noisy_expert_rollout_of_200_episodes_lands_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.path().join("b.db"), WriteMode::Durable).await.unwrap());
+    let recorder = Arc::new(Recorder::spawn(store.clone(), WriteMode::Durable, 4096, None));
+    let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: 200, concurrency: 4, seed: 3 };
+    let summary =
+        rollout(BabyAi::new, &Policy::Expert { epsilon: 0.3 }, Some(recorder), &options, |_| {}).await.unwrap();
+    assert_eq!(summary.episodes.len(), 200);
+    let total_steps: u32 = summary.episodes.iter().map(|e| e.steps).sum();
+    assert_eq!(store.count_inferences().await.unwrap(), u64::from(total_steps), "one inference per step");
+    let failures = summary.episodes.iter().filter(|e| !e.success).count();
+    assert!(summary.success_rate() > 0.9, "noisy expert at ε=0.3 should mostly succeed: {}", summary.table());
+    check_recorded(store.as_ref(), &summary).await;
+    // Every task family was played (family = index % 5), and failures, if any, are recorded as such.
+    let tasks: std::collections::BTreeSet<u64> =
+        summary.episodes.iter().map(|e| e.task.trim_start_matches("train/").parse::<u64>().unwrap() % 5).collect();
+    assert_eq!(tasks.len(), 5);
+    let stored_failures = summary.episodes.len() - summary.episodes.iter().filter(|e| e.success).count();
+    assert_eq!(failures, stored_failures);
+}
+
+#[tokio::test]
+async fn babyai_through_the_gateway_with_a_mock_llm_records_the_same_way() {
+    // A loopback "LLM" answering in the messy way real ones do.
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async {
+            axum::Json(json!({
+                "id": "x", "object": "chat.completion", "created": 0, "model": "mock",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "I will turn left."}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 120, "completion_tokens": 4, "total_tokens": 124}
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let env_config = BabyAi::new().spec().gateway_config("llm", "mock-llm").unwrap();
+    let config_text = format!(
+        "{env_config}\n[models.llm]\nrouting = [\"mock\"]\n[models.llm.providers.mock]\ntype = \"openai\"\nmodel_name = \"m\"\napi_base = \"http://{upstream}/v1\"\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::parse(&config_text, "babyai.toml".as_ref(), dir.path()).unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("g.db"), WriteMode::Durable).await.unwrap());
+    let gateway = apprentice_gateway::Gateway::with_store(config, store.clone()).unwrap();
+    let server = apprentice_gateway::RunningGateway::start(gateway, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+
+    let policy = Policy::gateway(&server.url(), "function::babyai::act").unwrap();
+    let options = RolloutOptions { split: Split::Test, start_index: 0, episodes: 3, concurrency: 3, seed: 0 };
+    let summary = rollout(BabyAi::new, &policy, None, &options, |_| {}).await.unwrap();
+    // Turning in place rarely completes a mission (only a "go to" whose target comes to face the
+    // agent); failing episodes run to their step limit.
+    assert!(summary.episodes.iter().any(|e| e.truncated), "{}", summary.table());
+    assert!(summary.episodes.iter().all(|e| e.success != e.truncated), "{}", summary.table());
+    check_recorded(store.as_ref(), &summary).await;
+    let steps = store
+        .inferences(&InferenceQuery { episode_id: Some(summary.episodes[0].episode_id), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(steps.iter().all(|s| s.function_name == "babyai::act" && s.variant_name == "mock-llm"));
+    // The conversation grows by the answer and the next observation each step.
+    assert_eq!(steps[1].input.messages.len(), steps[0].input.messages.len() + 2);
+    assert!(steps.iter().all(|s| s.cost.is_none() && s.usage.input_tokens == 120));
     server.shutdown().await.unwrap();
 }
