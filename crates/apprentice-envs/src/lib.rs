@@ -181,6 +181,10 @@ pub trait Env: Send {
     fn expert_action(&mut self) -> Option<String>;
     /// The actions a uniformly random (noisy) policy draws from.
     fn action_space(&self) -> Vec<String>;
+    /// A picture of the whole state for people (the agent never sees it), if the env has one.
+    fn render_map(&self) -> Option<String> {
+        None
+    }
 }
 
 impl EnvSpec {
@@ -264,15 +268,34 @@ impl Env for Box<dyn Env> {
     fn action_space(&self) -> Vec<String> {
         (**self).action_space()
     }
+    fn render_map(&self) -> Option<String> {
+        (**self).render_map()
+    }
 }
 
 /// The envs apprentice ships, by name.
 pub const ENVS: &[&str] = &["babyai"];
 
+/// Settings that select a variant of an env.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnvOptions {
+    /// Extra objects in each task (BabyAI's harder variant); 0 as in the LLM benchmarks.
+    pub distractors: usize,
+}
+
 /// Builds a fresh instance of a shipped env.
-pub fn make_env(name: &str) -> Result<Box<dyn Env>, EnvError> {
+pub fn make_env(name: &str, options: EnvOptions) -> Result<Box<dyn Env>, EnvError> {
     match name {
-        "babyai" => Ok(Box::new(babyai::BabyAi::new())),
+        "babyai" => {
+            if options.distractors > babyai::tasks::MAX_DISTRACTORS {
+                return Err(EnvError::BadTask(format!(
+                    "babyai takes at most {} distractors, not {}",
+                    babyai::tasks::MAX_DISTRACTORS,
+                    options.distractors
+                )));
+            }
+            Ok(Box::new(babyai::BabyAi::with_config(babyai::tasks::TaskConfig { distractors: options.distractors })))
+        }
         other => Err(EnvError::UnknownEnv { name: other.to_string(), known: ENVS.join(", ") }),
     }
 }

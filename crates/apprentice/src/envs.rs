@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use apprentice_core::config::WriteMode;
 use apprentice_core::{Config, ContentBlock, InputMessage};
 use apprentice_envs::rollout::{rollout, Policy, RolloutOptions};
-use apprentice_envs::{make_env, Env, Split, TaskId};
+use apprentice_envs::{make_env, Env, EnvOptions, Split, TaskId};
 use apprentice_store::{Recorder, SqliteStore, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -16,6 +16,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct RolloutArgs {
     #[arg(long, default_value = "babyai")]
     env: String,
+    /// Extra objects per task (BabyAI's harder variant).
+    #[arg(long, default_value_t = 0)]
+    distractors: usize,
     #[arg(long, default_value = "train")]
     split: String,
     #[arg(long, default_value_t = 100)]
@@ -52,6 +55,11 @@ pub enum EnvCommand {
         env: String,
         #[arg(long, default_value = "train/0")]
         task: String,
+        #[arg(long, default_value_t = 0)]
+        distractors: usize,
+        /// Also print the whole map (which the model never sees).
+        #[arg(long)]
+        show_map: bool,
     },
     /// Print the gateway configuration (functions, templates, schemas, metrics) for an env.
     Config {
@@ -66,7 +74,8 @@ pub enum EnvCommand {
 
 pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
     let split: Split = args.split.parse()?;
-    make_env(&args.env)?;
+    let env_options = EnvOptions { distractors: args.distractors };
+    make_env(&args.env, env_options)?;
     let policy = if args.policy.starts_with("expert") {
         Policy::expert(&args.policy)?
     } else {
@@ -104,7 +113,7 @@ pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
     );
     bar.set_message(args.policy.clone());
     let env_name = args.env.clone();
-    let make = move || make_env(&env_name).expect("env name checked above");
+    let make = move || make_env(&env_name, env_options).expect("env name and options checked above");
     let summary = rollout(make, &policy, recorder.clone(), &options, |_| bar.inc(1)).await?;
     bar.finish();
     if let Some(recorder) = recorder {
@@ -121,16 +130,18 @@ pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
 pub fn run_env(command: EnvCommand) -> anyhow::Result<()> {
     match command {
         EnvCommand::Config { env, model, variant } => {
-            print!("{}", make_env(&env)?.spec().gateway_config(&model, &variant)?);
+            print!("{}", make_env(&env, EnvOptions::default())?.spec().gateway_config(&model, &variant)?);
             Ok(())
         }
-        EnvCommand::Play { env, task } => play(&env, task.parse()?),
+        EnvCommand::Play { env, task, distractors, show_map } => {
+            play(&env, task.parse()?, EnvOptions { distractors }, show_map)
+        }
     }
 }
 
 /// Shows the rendered prompt exactly as a model would receive it, reads an answer, steps the env.
-fn play(env_name: &str, task: TaskId) -> anyhow::Result<()> {
-    let mut env = make_env(env_name)?;
+fn play(env_name: &str, task: TaskId, options: EnvOptions, show_map: bool) -> anyhow::Result<()> {
+    let mut env = make_env(env_name, options)?;
     let function = env.spec().functions.first().cloned().context("the env declares no function")?;
     let mut observation = env.reset(task)?;
     let rendered = function.render("play", &observation.input)?;
@@ -138,6 +149,12 @@ fn play(env_name: &str, task: TaskId) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     let mut steps = 0;
     loop {
+        if show_map {
+            match env.render_map() {
+                Some(map) => println!("{map}"),
+                None => bail!("env `{env_name}` has no map view"),
+            }
+        }
         if let Some(last) = observation.input.messages.last() {
             print_user(&function, &observation.input.system, last)?;
         }

@@ -52,3 +52,54 @@ fn missing_config_file_is_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/apprentice.toml") && stderr.contains("cannot read config"), "{stderr}");
 }
+
+#[test]
+fn env_play_shows_the_prompt_and_steps_on_typed_answers() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apprentice"))
+        .args(["env", "play", "babyai", "--task", "train/17"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start env play");
+    child.stdin.take().unwrap().write_all(b"turn left\nwhat do I do?\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("== task train/17 ==") && stdout.contains("Your mission: open the purple door"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Step 0. You see:") && stdout.contains("Step 2."), "two answers, two steps: {stdout}");
+    assert!(stdout.contains("could not understand"), "an unparseable answer is explained: {stdout}");
+}
+
+#[test]
+fn rollout_records_expert_episodes_into_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.db");
+    let json = dir.path().join("r.json");
+    let out = apprentice(&[
+        "rollout",
+        "--episodes",
+        "10",
+        "--policy",
+        "expert?epsilon=0.1",
+        "--store",
+        db.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("expert?epsilon=0.1"));
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let steps: u64 = summary["episodes"].as_array().unwrap().iter().map(|e| e["steps"].as_u64().unwrap()).sum();
+    let recorded = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use apprentice_store::Store;
+        let store =
+            apprentice_store::SqliteStore::open(&db, apprentice_core::config::WriteMode::Durable).await.unwrap();
+        store.count_inferences().await.unwrap()
+    });
+    assert_eq!(recorded, steps, "one recorded inference per step");
+    assert!(steps >= 10);
+}

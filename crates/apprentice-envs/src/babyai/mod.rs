@@ -335,4 +335,8 @@ impl Env for BabyAi {
     fn action_space(&self) -> Vec<String> {
         Action::OFFERED.iter().map(|a| a.name().to_string()).collect()
     }
+
+    fn render_map(&self) -> Option<String> {
+        self.episode.is_some().then(|| self.render_ascii())
+    }
 }
