@@ -2,93 +2,23 @@
 //! smoothly as ε-noise (a uniformly random offered action with probability ε) grows.
 //!
 //! The acceptance test runs the full 1,000 test tasks per family (about a second even in a debug
-//! build). `cargo test --release -p apprentice-envs --test babyai_expert -- --ignored --nocapture`
-//! prints the family × ε table over 1,000 episodes each.
+//! build). `apprentice bench expert` prints the family × ε table over 1,000 episodes each.
 
 use apprentice_core::{ContentBlock, FeedbackValue};
 use apprentice_envs::babyai::expert::Expert;
+use apprentice_envs::babyai::expert_eval::{evaluate_expert, ExpertStats};
 use apprentice_envs::babyai::mission::{parse_instr, Status, Verifier};
 use apprentice_envs::babyai::rng::Rng;
-use apprentice_envs::babyai::tasks::{generate, Family, TaskConfig};
-use apprentice_envs::babyai::world::{Action, Cell, Color, Object, Pos, World};
+use apprentice_envs::babyai::tasks::{Family, TaskConfig};
+use apprentice_envs::babyai::world::{Cell, Color, Object, Pos, World};
 use apprentice_envs::babyai::BabyAi;
 use apprentice_envs::{Env, Split, TaskId};
 
 /// Episodes per family in the acceptance test.
 const EPISODES_PER_FAMILY: u64 = 1_000;
 
-struct Episode {
-    success: bool,
-    /// Ended early because something the mission names is gone (noise toggled a box away).
-    impossible: bool,
-    reward: f64,
-    steps: u32,
-}
-
-/// Runs the expert on task `id` with ε-noise drawn from `noise`.
-fn run(id: TaskId, config: &TaskConfig, epsilon: f64, noise: &mut Rng) -> Episode {
-    let task = generate(id, config).expect("task");
-    let mut world: World = task.world.clone();
-    let mut verifier = Verifier::new(&task.instr);
-    let mut expert = Expert::new(&world);
-    for step in 1..=task.max_steps {
-        let mut action = expert.act(&world, &verifier);
-        if epsilon > 0.0 && (noise.next_u64() as f64 / u64::MAX as f64) < epsilon {
-            action = Action::OFFERED[noise.below(Action::OFFERED.len() as u64) as usize];
-        }
-        let effect = world.step(action);
-        expert.observe(&world);
-        match verifier.update(&world, &effect) {
-            Status::Success => {
-                return Episode {
-                    success: true,
-                    impossible: false,
-                    reward: 1.0 - 0.9 * step as f64 / task.max_steps as f64,
-                    steps: step,
-                }
-            }
-            Status::Failure => return Episode { success: false, impossible: true, reward: 0.0, steps: step },
-            Status::InProgress => {}
-        }
-    }
-    Episode { success: false, impossible: false, reward: 0.0, steps: task.max_steps }
-}
-
-struct Stats {
-    episodes: u64,
-    successes: u64,
-    impossible: u64,
-    total_reward: f64,
-    total_steps: u64,
-}
-
-impl Stats {
-    fn success_rate(&self) -> f64 {
-        self.successes as f64 / self.episodes as f64
-    }
-    fn mean_return(&self) -> f64 {
-        self.total_reward / self.episodes as f64
-    }
-    fn mean_steps(&self) -> f64 {
-        self.total_steps as f64 / self.episodes as f64
-    }
-}
-
-/// `n` test-split tasks of `family` (indices `family + 5k`), noise seeded per (family, ε).
-fn evaluate(family: Family, n: u64, epsilon: f64, config: &TaskConfig) -> Stats {
-    let offset = Family::ALL.iter().position(|&f| f == family).unwrap() as u64;
-    let mut noise = Rng::new(0xE5E5 ^ (offset << 8) ^ (epsilon * 1000.0) as u64);
-    let mut stats = Stats { episodes: 0, successes: 0, impossible: 0, total_reward: 0.0, total_steps: 0 };
-    for k in 0..n {
-        let id = TaskId { split: Split::Test, index: offset + 5 * k };
-        let episode = run(id, config, epsilon, &mut noise);
-        stats.episodes += 1;
-        stats.successes += u64::from(episode.success);
-        stats.impossible += u64::from(episode.impossible);
-        stats.total_reward += episode.reward;
-        stats.total_steps += u64::from(episode.steps);
-    }
-    stats
+fn evaluate(family: Family, n: u64, epsilon: f64, config: &TaskConfig) -> ExpertStats {
+    evaluate_expert(family, n, epsilon, config).expect("tasks generate")
 }
 
 #[test]
@@ -132,29 +62,6 @@ fn success_degrades_smoothly_with_noise() {
         }
         // Noise costs steps but the expert recovers: still mostly successful at ε = 0.1.
         assert!(rates[1] >= 0.9, "{}: success at ε = 0.1 only {:.3}", family.name(), rates[1]);
-    }
-}
-
-/// The family × ε table over 1,000 test episodes each (run in release, with `--ignored`).
-#[test]
-#[ignore]
-fn report_table() {
-    let epsilons = [0.0, 0.1, 0.3, 0.5];
-    println!("| family | ε | success | mean return | mean steps | made impossible | timed out |");
-    println!("|---|---|---|---|---|---|---|");
-    for family in Family::ALL {
-        for &epsilon in &epsilons {
-            let stats = evaluate(family, 1_000, epsilon, &TaskConfig::default());
-            println!(
-                "| {} | {epsilon} | {:.3} | {:.3} | {:.1} | {} | {} |",
-                family.name(),
-                stats.success_rate(),
-                stats.mean_return(),
-                stats.mean_steps(),
-                stats.impossible,
-                stats.episodes - stats.successes - stats.impossible
-            );
-        }
     }
 }
 

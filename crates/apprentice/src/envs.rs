@@ -199,3 +199,31 @@ fn print_user(
     }
     Ok(())
 }
+
+/// `apprentice bench expert`: the family × ε table, with a progress bar over its cells.
+pub fn bench_expert(
+    episodes: u64,
+    epsilons: &[f64],
+    distractors: usize,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use apprentice_envs::babyai::expert_eval::{evaluate_expert, stats_table};
+    use apprentice_envs::babyai::tasks::{Family, TaskConfig};
+    let config = TaskConfig { distractors };
+    let bar = ProgressBar::new((Family::ALL.len() * epsilons.len()) as u64)
+        .with_style(ProgressStyle::with_template("[{bar:30}] {pos}/{len} family × ε cells")?.progress_chars("=> "));
+    let mut rows = Vec::new();
+    for family in Family::ALL {
+        for &epsilon in epsilons {
+            rows.push(evaluate_expert(family, episodes, epsilon, &config)?);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!("{episodes} test episodes per cell, {distractors} distractors\n\n{}", stats_table(&rows));
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -57,6 +57,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// The BabyAI expert's success and return per task family and ε, on the test split.
+    Expert {
+        #[arg(long, default_value_t = 1000)]
+        episodes: u64,
+        #[arg(long, value_delimiter = ',', default_value = "0,0.1,0.3,0.5")]
+        epsilons: Vec<f64>,
+        #[arg(long, default_value_t = 0)]
+        distractors: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Latency the gateway adds (p50/p99) against a loopback upstream, direct vs through the gateway.
     Gateway {
         #[arg(long, default_value_t = 2000)]
@@ -135,6 +146,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Rollout(args) => envs::run_rollout(args).await,
         Command::Env { command } => envs::run_env(command),
+        Command::Bench { bench: Bench::Expert { episodes, epsilons, distractors, json } } => {
+            envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())
+        }
         Command::Bench {
             bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json },
         } => {

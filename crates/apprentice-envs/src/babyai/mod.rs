@@ -14,6 +14,7 @@
 //! `babyai::act`; its templates are MiniJinja and its arguments are validated by JSON schemas.
 
 pub mod expert;
+pub mod expert_eval;
 pub mod mission;
 pub mod observation;
 pub mod parse;
