@@ -191,30 +191,7 @@ async fn same_seed_gives_the_same_noisy_rollout() {
 
 #[tokio::test]
 async fn gateway_policy_with_a_mock_llm_records_the_same_way() {
-    // A loopback OpenAI-compatible "LLM" that always answers "forward".
-    let app = axum::Router::new().route(
-        "/v1/chat/completions",
-        axum::routing::post(|| async {
-            axum::Json(json!({
-                "id": "x", "object": "chat.completion", "created": 0, "model": "mock",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "forward"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21}
-            }))
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
-    let env_config = Corridor::new().spec.gateway_config("llm", "mock-llm").unwrap();
-    let config_text = format!(
-        "{env_config}\n[models.llm]\nrouting = [\"mock\"]\n[models.llm.providers.mock]\ntype = \"openai\"\nmodel_name = \"m\"\napi_base = \"http://{upstream}/v1\"\n"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config::parse(&config_text, "env.toml".as_ref(), dir.path()).unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("g.db"), WriteMode::Durable).await.unwrap());
-    let gateway = apprentice_gateway::Gateway::with_store(config, store.clone()).unwrap();
-    let server = apprentice_gateway::RunningGateway::start(gateway, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let (server, store, _dir) = gateway_with_mock_llm(&Corridor::new().spec, "forward").await;
 
     let policy = Policy::gateway(&server.url(), "function::corridor::act").unwrap();
     let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: 6, concurrency: 3, seed: 0 };
@@ -261,30 +238,7 @@ async fn babyai_noisy_expert_rollout_of_200_episodes_lands_in_the_store() {
 
 #[tokio::test]
 async fn babyai_through_the_gateway_with_a_mock_llm_records_the_same_way() {
-    // A loopback "LLM" answering in the messy way real ones do.
-    let app = axum::Router::new().route(
-        "/v1/chat/completions",
-        axum::routing::post(|| async {
-            axum::Json(json!({
-                "id": "x", "object": "chat.completion", "created": 0, "model": "mock",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "I will turn left."}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 120, "completion_tokens": 4, "total_tokens": 124}
-            }))
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
-    let env_config = BabyAi::new().spec().gateway_config("llm", "mock-llm").unwrap();
-    let config_text = format!(
-        "{env_config}\n[models.llm]\nrouting = [\"mock\"]\n[models.llm.providers.mock]\ntype = \"openai\"\nmodel_name = \"m\"\napi_base = \"http://{upstream}/v1\"\n"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config::parse(&config_text, "babyai.toml".as_ref(), dir.path()).unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("g.db"), WriteMode::Durable).await.unwrap());
-    let gateway = apprentice_gateway::Gateway::with_store(config, store.clone()).unwrap();
-    let server = apprentice_gateway::RunningGateway::start(gateway, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let (server, store, _dir) = gateway_with_mock_llm(BabyAi::new().spec(), "I will turn left.").await;
 
     let policy = Policy::gateway(&server.url(), "function::babyai::act").unwrap();
     let options = RolloutOptions { split: Split::Test, start_index: 0, episodes: 3, concurrency: 3, seed: 0 };
@@ -303,4 +257,36 @@ async fn babyai_through_the_gateway_with_a_mock_llm_records_the_same_way() {
     assert_eq!(steps[1].input.messages.len(), steps[0].input.messages.len() + 2);
     assert!(steps.iter().all(|s| s.cost.is_none() && s.usage.input_tokens == 120));
     server.shutdown().await.unwrap();
+}
+
+/// A gateway serving `spec`'s function through a loopback OpenAI-compatible "LLM" that always
+/// gives `answer`, recording into a fresh store.
+async fn gateway_with_mock_llm(
+    spec: &apprentice_envs::EnvSpec,
+    answer: &'static str,
+) -> (apprentice_gateway::RunningGateway, Arc<SqliteStore>, tempfile::TempDir) {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || async move {
+            axum::Json(json!({
+                "id": "x", "object": "chat.completion", "created": 0, "model": "mock",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 120, "completion_tokens": 4, "total_tokens": 124}
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let env_config = spec.gateway_config("llm", "mock-llm").unwrap();
+    let config_text = format!(
+        "{env_config}\n[models.llm]\nrouting = [\"mock\"]\n[models.llm.providers.mock]\ntype = \"openai\"\nmodel_name = \"m\"\napi_base = \"http://{upstream}/v1\"\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::parse(&config_text, "env.toml".as_ref(), dir.path()).unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("g.db"), WriteMode::Durable).await.unwrap());
+    let gateway = apprentice_gateway::Gateway::with_store(config, store.clone()).unwrap();
+    let server = apprentice_gateway::RunningGateway::start(gateway, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    (server, store, dir)
 }

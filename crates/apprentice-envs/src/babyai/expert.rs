@@ -37,7 +37,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use super::mission::{Act, ObjDesc, ObjType, Status, Verifier};
-use super::world::{Action, Cell, Color, Dir, DoorState, Object, ObjectKind, Pos, World, VIEW_HALF, VIEW_SIZE};
+use super::world::{propagate_sight, Action, Cell, Color, Dir, DoorState, Object, ObjectKind, Pos, World, VIEW_HALF};
 
 /// Extra price of walking through a known object (pick it up, drop it aside, come back).
 const CLEAR_COST: u32 = 6;
@@ -704,33 +704,9 @@ impl Expert {
     /// How many unseen cells would be visible from `pos` facing `dir`, by the world's sight
     /// rules with unseen cells taken as transparent.
     fn unseen_in_view(&self, pos: Pos, dir: Dir) -> usize {
-        let n = VIEW_SIZE as usize;
         let cell_at = |f: usize, c: usize| pos.step(dir, f as i32).step(dir.right(), c as i32 - VIEW_HALF);
         let transparent = |f: usize, c: usize| self.known(cell_at(f, c)).is_none_or(Cell::is_transparent);
-        let mut visible = [[false; VIEW_SIZE as usize]; VIEW_SIZE as usize];
-        visible[0][VIEW_HALF as usize] = true;
-        for f in 0..n {
-            for c in 0..n - 1 {
-                if !visible[f][c] || !transparent(f, c) {
-                    continue;
-                }
-                visible[f][c + 1] = true;
-                if f + 1 < n {
-                    visible[f + 1][c + 1] = true;
-                    visible[f + 1][c] = true;
-                }
-            }
-            for c in (1..n).rev() {
-                if !visible[f][c] || !transparent(f, c) {
-                    continue;
-                }
-                visible[f][c - 1] = true;
-                if f + 1 < n {
-                    visible[f + 1][c - 1] = true;
-                    visible[f + 1][c] = true;
-                }
-            }
-        }
+        let visible = propagate_sight(transparent);
         let mut count = 0;
         for (f, row) in visible.iter().enumerate() {
             for (c, &seen) in row.iter().enumerate() {

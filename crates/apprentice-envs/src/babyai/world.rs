@@ -732,33 +732,7 @@ impl World {
     /// row behind it shows.
     pub fn view(&self) -> View {
         let n = VIEW_SIZE as usize;
-        // visible[f][c], f = forward (0 = agent row), c = column 0..7 from the agent's left.
-        let mut visible = vec![vec![false; n]; n];
-        let transparent =
-            |f: usize, c: usize| self.cell(self.view_pos(f as i32, c as i32 - VIEW_HALF)).is_transparent();
-        visible[0][VIEW_HALF as usize] = true;
-        for f in 0..n {
-            for c in 0..n - 1 {
-                if !visible[f][c] || !transparent(f, c) {
-                    continue;
-                }
-                visible[f][c + 1] = true;
-                if f + 1 < n {
-                    visible[f + 1][c + 1] = true;
-                    visible[f + 1][c] = true;
-                }
-            }
-            for c in (1..n).rev() {
-                if !visible[f][c] || !transparent(f, c) {
-                    continue;
-                }
-                visible[f][c - 1] = true;
-                if f + 1 < n {
-                    visible[f + 1][c - 1] = true;
-                    visible[f + 1][c] = true;
-                }
-            }
-        }
+        let visible = propagate_sight(|f, c| self.cell(self.view_pos(f as i32, c as i32 - VIEW_HALF)).is_transparent());
         let mut cells = Vec::with_capacity(n * n);
         for (f, row) in visible.iter().enumerate() {
             for (c, &seen) in row.iter().enumerate() {
@@ -796,4 +770,37 @@ impl World {
         }
         out
     }
+}
+
+/// MiniGrid's `process_vis` over a 7×7 view: `visible[f][c]`, with `f` the rows forward (0 = the
+/// agent's row) and `c` the columns from the agent's left (the agent at `VIEW_HALF`).
+/// `transparent(f, c)` says whether sight passes through that view cell. Shared by the world's
+/// view and by the expert, which predicts what it would see from elsewhere.
+pub fn propagate_sight(transparent: impl Fn(usize, usize) -> bool) -> [[bool; VIEW_SIZE as usize]; VIEW_SIZE as usize] {
+    let n = VIEW_SIZE as usize;
+    let mut visible = [[false; VIEW_SIZE as usize]; VIEW_SIZE as usize];
+    visible[0][VIEW_HALF as usize] = true;
+    for f in 0..n {
+        for c in 0..n - 1 {
+            if !visible[f][c] || !transparent(f, c) {
+                continue;
+            }
+            visible[f][c + 1] = true;
+            if f + 1 < n {
+                visible[f + 1][c + 1] = true;
+                visible[f + 1][c] = true;
+            }
+        }
+        for c in (1..n).rev() {
+            if !visible[f][c] || !transparent(f, c) {
+                continue;
+            }
+            visible[f][c - 1] = true;
+            if f + 1 < n {
+                visible[f + 1][c - 1] = true;
+                visible[f + 1][c] = true;
+            }
+        }
+    }
+    visible
 }
