@@ -87,6 +87,19 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// All feedback on a function's inferences and on the episodes they belong to, oldest first, in
+    /// one query: curation loads it once per function instead of one query per target.
+    pub async fn feedback_for_function(&self, function_name: &str) -> Result<Vec<FeedbackRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {FEEDBACK_COLUMNS} FROM feedback WHERE target_id IN \
+             (SELECT id FROM inferences WHERE function_name = ?1 \
+              UNION SELECT episode_id FROM inferences WHERE function_name = ?1) \
+             ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(&sql).bind(function_name).fetch_all(&self.pool).await?;
+        rows.iter().map(decode_feedback).collect()
+    }
+
     /// Waits for open connections to finish and closes them, so the WAL is checkpointed.
     pub async fn close(&self) {
         self.pool.close().await;

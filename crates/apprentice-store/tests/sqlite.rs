@@ -287,3 +287,31 @@ async fn in_memory_store_works() {
     store.write_batch(&[rec(record.clone())]).await.unwrap();
     assert_eq!(store.inference(record.id).await.unwrap(), Some(record));
 }
+
+#[tokio::test]
+async fn feedback_for_function_covers_its_inferences_and_episodes_only() {
+    let (_dir, store) = temp_store(WriteMode::Durable).await;
+    let episode = new_id();
+    let a = inference("f", "v", episode);
+    let b = inference("f", "v", episode);
+    let other = inference("g", "v", new_id());
+    let on_a = feedback(MetricLevel::Inference, a.id, "reward", FeedbackValue::Float(0.5));
+    let on_b = feedback(MetricLevel::Inference, b.id, "progress", FeedbackValue::Boolean(true));
+    let on_episode = feedback(MetricLevel::Episode, episode, "success", FeedbackValue::Boolean(true));
+    let on_other = feedback(MetricLevel::Inference, other.id, "reward", FeedbackValue::Float(1.0));
+    let on_other_episode = feedback(MetricLevel::Episode, other.episode_id, "success", FeedbackValue::Boolean(false));
+    let batch = vec![
+        rec(a),
+        rec(b),
+        rec(other),
+        fb(on_a.clone()),
+        fb(on_b.clone()),
+        fb(on_episode.clone()),
+        fb(on_other),
+        fb(on_other_episode),
+    ];
+    store.write_batch(&batch).await.unwrap();
+
+    assert_eq!(store.feedback_for_function("f").await.unwrap(), vec![on_a, on_b, on_episode]);
+    assert!(store.feedback_for_function("missing").await.unwrap().is_empty());
+}

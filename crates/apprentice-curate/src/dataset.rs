@@ -1,0 +1,227 @@
+//! The curation pipeline: load a function's history, select, build examples (re-rendered or
+//! replayed, demonstrations replacing outputs), clean, cap, weight, split by episode.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use apprentice_core::config::FunctionConfig;
+use apprentice_core::render::render_input;
+use apprentice_core::templates::Templates;
+use apprentice_core::{Config, InferenceOutput, InferenceRecord, MetricLevel};
+use apprentice_store::SqliteStore;
+use serde::{Deserialize, Serialize};
+
+use crate::example::{openai_messages, openai_tools, Example};
+use crate::export::Exported;
+use crate::history::History;
+use crate::selection::Selection;
+use crate::split::in_validation;
+use crate::weights::{assign, Weighting};
+use crate::{metrics_from_config, CurateError, Metrics};
+
+/// What to curate. Deserializable so it can come from TOML or the command line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    pub name: String,
+    #[serde(default = "first_version")]
+    pub version: u32,
+    pub function: String,
+    /// No selection keeps every inference of the function.
+    #[serde(default)]
+    pub selection: Option<Selection>,
+    /// Re-render inputs with this variant's templates; without it, replay what was sent.
+    #[serde(default)]
+    pub variant: Option<String>,
+    #[serde(default)]
+    pub weighting: Weighting,
+    /// Share of episodes held out for validation, in [0, 1].
+    #[serde(default)]
+    pub validation_fraction: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// At most this many examples per task (tag `task`), the oldest first.
+    #[serde(default)]
+    pub max_per_task: Option<usize>,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+/// What each stage did, for the summary a user reads before training.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub inferences: usize,
+    pub selected: usize,
+    pub demonstrations: usize,
+    pub dropped_invalid_json: usize,
+    pub dropped_duplicates: usize,
+    pub dropped_over_task_cap: usize,
+    pub dropped_no_weight: usize,
+    pub train_examples: usize,
+    pub validation_examples: usize,
+    pub train_episodes: usize,
+    pub validation_episodes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub spec: DatasetSpec,
+    pub train: Vec<Example>,
+    pub validation: Vec<Example>,
+    pub summary: Summary,
+}
+
+impl Dataset {
+    pub fn export_train(&self, weighted: bool) -> Result<Exported, CurateError> {
+        Exported::new(&self.train, weighted)
+    }
+
+    pub fn export_validation(&self, weighted: bool) -> Result<Exported, CurateError> {
+        Exported::new(&self.validation, weighted)
+    }
+}
+
+/// Curates from one store. Built from a [`Config`] (metric levels, templates, functions), or from
+/// explicit metric levels when there is no configuration at hand (then only replay is possible
+/// unless templates are added with [`Curator::with_templates`]).
+pub struct Curator<'a> {
+    store: &'a SqliteStore,
+    metrics: Metrics,
+    templates: Option<&'a Templates>,
+    functions: Option<&'a BTreeMap<String, FunctionConfig>>,
+}
+
+impl<'a> Curator<'a> {
+    pub fn new(store: &'a SqliteStore, metrics: Metrics) -> Self {
+        Self { store, metrics, templates: None, functions: None }
+    }
+
+    pub fn from_config(store: &'a SqliteStore, config: &'a Config) -> Self {
+        Self {
+            store,
+            metrics: metrics_from_config(config),
+            templates: Some(&config.templates),
+            functions: Some(&config.functions),
+        }
+    }
+
+    pub fn with_templates(mut self, templates: &'a Templates, functions: &'a BTreeMap<String, FunctionConfig>) -> Self {
+        self.templates = Some(templates);
+        self.functions = Some(functions);
+        self
+    }
+
+    pub async fn curate(&self, spec: &DatasetSpec) -> Result<Dataset, CurateError> {
+        if !(0.0..=1.0).contains(&spec.validation_fraction) {
+            return Err(CurateError::InvalidSpec(format!(
+                "validation_fraction must be in [0, 1], got {}",
+                spec.validation_fraction
+            )));
+        }
+        let function = match self.functions {
+            Some(functions) => {
+                Some(functions.get(&spec.function).ok_or_else(|| CurateError::UnknownFunction(spec.function.clone()))?)
+            }
+            None => None,
+        };
+        if let Weighting::SftQ { metric } = &spec.weighting {
+            if !self.metrics.contains_key(metric) {
+                return Err(CurateError::UnknownMetric(metric.clone()));
+            }
+        }
+        let history = History::load(self.store, &spec.function).await?;
+        let mask = match &spec.selection {
+            Some(selection) => selection.evaluate(&history, &self.metrics)?,
+            None => vec![true; history.inferences.len()],
+        };
+        let mut summary = Summary { inferences: history.inferences.len(), ..Default::default() };
+
+        let mut examples = Vec::new();
+        let mut seen = HashSet::new();
+        let mut per_task: HashMap<Option<String>, usize> = HashMap::new();
+        for (inference, _) in history.inferences.iter().zip(&mask).filter(|(_, keep)| **keep) {
+            summary.selected += 1;
+            let demonstration = history.demonstration(inference.id);
+            let output = demonstration.unwrap_or(&inference.output);
+            // An output that failed its schema would teach the model to fail it too.
+            if matches!(output, InferenceOutput::Json(json) if json.parsed.is_none()) {
+                summary.dropped_invalid_json += 1;
+                continue;
+            }
+            let example = self.example(spec, function, inference, output, demonstration.is_some())?;
+            // The serialized messages and tools identify an example exactly; the first (oldest) copy stays.
+            let key = serde_json::to_string(&(&example.messages, &example.tools)).map_err(|e| {
+                CurateError::Unsupported { inference: inference.id, message: format!("cannot be written as JSON: {e}") }
+            })?;
+            if !seen.insert(key) {
+                summary.dropped_duplicates += 1;
+                continue;
+            }
+            if let Some(cap) = spec.max_per_task {
+                let count = per_task.entry(example.task.clone()).or_default();
+                if *count >= cap {
+                    summary.dropped_over_task_cap += 1;
+                    continue;
+                }
+                *count += 1;
+            }
+            summary.demonstrations += usize::from(example.demonstrated);
+            examples.push(example);
+        }
+
+        let by_id: HashMap<_, &InferenceRecord> = history.inferences.iter().map(|i| (i.id, i)).collect();
+        summary.dropped_no_weight = assign(&spec.weighting, &mut examples, |example| {
+            let Weighting::SftQ { metric } = &spec.weighting else { return Some(1.0) };
+            let info = self.metrics.get(metric)?;
+            let inference = by_id.get(&example.inference_id)?;
+            let target = match info.level {
+                MetricLevel::Inference => inference.id,
+                MetricLevel::Episode => inference.episode_id,
+            };
+            history.scalar(metric, target).map(|s| s.number())
+        })?;
+
+        let (validation, train): (Vec<Example>, Vec<Example>) =
+            examples.into_iter().partition(|e| in_validation(spec.seed, e.episode_id, spec.validation_fraction));
+        let episodes = |examples: &[Example]| examples.iter().map(|e| e.episode_id).collect::<HashSet<_>>().len();
+        summary.train_examples = train.len();
+        summary.validation_examples = validation.len();
+        summary.train_episodes = episodes(&train);
+        summary.validation_episodes = episodes(&validation);
+        Ok(Dataset { spec: spec.clone(), train, validation, summary })
+    }
+
+    fn example(
+        &self,
+        spec: &DatasetSpec,
+        function: Option<&FunctionConfig>,
+        inference: &InferenceRecord,
+        output: &InferenceOutput,
+        demonstrated: bool,
+    ) -> Result<Example, CurateError> {
+        let rendered = match &spec.variant {
+            None => None,
+            Some(variant) => {
+                let templates = self.templates.ok_or_else(|| CurateError::NoTemplates { variant: variant.clone() })?;
+                let rendered =
+                    render_input(templates, &spec.function, function, variant, &inference.input).map_err(|source| {
+                        CurateError::Render { inference: inference.id, variant: variant.clone(), source }
+                    })?;
+                Some(rendered)
+            }
+        };
+        let request = rendered.as_ref().unwrap_or(&inference.rendered);
+        let messages = openai_messages(inference.id, request.system.as_deref(), &request.messages, output)?;
+        Ok(Example {
+            messages,
+            // Re-rendering does not choose tools; the ones offered when the call was made stay.
+            tools: openai_tools(&inference.rendered.tools),
+            weight: 1.0,
+            episode_id: inference.episode_id,
+            inference_id: inference.id,
+            task: inference.tags.get("task").cloned(),
+            demonstrated,
+        })
+    }
+}

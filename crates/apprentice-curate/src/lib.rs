@@ -1,0 +1,73 @@
+//! Curation: from a function's recorded inferences and feedback to a weighted, reproducible
+//! training dataset.
+//!
+//! A [`DatasetSpec`] names the function, a [`Selection`] over its inferences, the variant whose
+//! templates render the examples (or none, to replay what was sent), a [`Weighting`] and the
+//! hygiene settings. [`Curator::curate`] loads the function's history from the store once, selects,
+//! builds OpenAI-chat [`Example`]s, cleans, weights and splits them by episode; [`export`] turns
+//! them into JSONL with a content hash, so a rerun can be checked byte for byte.
+
+mod dataset;
+mod example;
+pub mod export;
+mod history;
+mod selection;
+mod split;
+mod weights;
+
+use std::collections::BTreeMap;
+
+use apprentice_core::config::Optimize;
+use apprentice_core::{Config, MetricLevel};
+use uuid::Uuid;
+
+pub use dataset::{Curator, Dataset, DatasetSpec, Summary};
+pub use example::Example;
+pub use export::{content_hash, to_jsonl, Exported};
+pub use history::History;
+pub use selection::{Comparison, Selection};
+pub use weights::Weighting;
+
+/// What curation needs to know about a metric: where its feedback is attached, and which way is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricInfo {
+    pub level: MetricLevel,
+    pub optimize: Optimize,
+}
+
+/// The metrics a selection or weighting may name.
+pub type Metrics = BTreeMap<String, MetricInfo>;
+
+/// The metrics declared in a configuration's `[metrics]`.
+pub fn metrics_from_config(config: &Config) -> Metrics {
+    config.metrics.iter().map(|(name, m)| (name.clone(), MetricInfo { level: m.level, optimize: m.optimize })).collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CurateError {
+    #[error(transparent)]
+    Store(#[from] apprentice_store::StoreError),
+    #[error("unknown metric `{0}`: it is not declared in [metrics] (or in the metric levels given)")]
+    UnknownMetric(String),
+    #[error("unknown function `{0}`: it is not in the configuration")]
+    UnknownFunction(String),
+    #[error("function `{0}` has no recorded inferences")]
+    NoInferences(String),
+    #[error("invalid selection: {0}")]
+    InvalidSelection(String),
+    #[error("invalid dataset spec: {0}")]
+    InvalidSpec(String),
+    #[error("cannot re-render with variant `{variant}`: no templates were given to the curator")]
+    NoTemplates { variant: String },
+    #[error("inference {inference}: cannot re-render with variant `{variant}`: {source}")]
+    Render {
+        inference: Uuid,
+        variant: String,
+        #[source]
+        source: apprentice_core::render::RenderError,
+    },
+    #[error("inference {inference}: {message}")]
+    Unsupported { inference: Uuid, message: String },
+    #[error("inference {inference}: quality metric `{metric}` is {value}, but SFT(Q) weights must not be negative")]
+    NegativeQuality { inference: Uuid, metric: String, value: f64 },
+}
