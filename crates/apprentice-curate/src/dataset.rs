@@ -44,6 +44,22 @@ pub struct DatasetSpec {
     pub max_per_task: Option<usize>,
 }
 
+impl DatasetSpec {
+    /// Reads a dataset spec from a TOML file; errors name the file, the line and the key path.
+    pub fn load(path: &std::path::Path) -> Result<Self, CurateError> {
+        let error =
+            |line, key: String, message: String| CurateError::SpecFile { file: path.to_path_buf(), line, key, message };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| error(None, String::new(), format!("cannot read: {e}")))?;
+        serde_path_to_error::deserialize::<_, DatasetSpec>(toml::Deserializer::new(&text)).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            error(line, if key == "." { String::new() } else { key }, inner.message().to_string())
+        })
+    }
+}
+
 fn first_version() -> u32 {
     1
 }

@@ -57,6 +57,9 @@ pub enum CurateError {
     InvalidSelection(String),
     #[error("invalid dataset spec: {0}")]
     InvalidSpec(String),
+    /// A dataset spec file that cannot be read or does not parse; names the file, line and key.
+    #[error("{file}{}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default(), if key.is_empty() { String::new() } else { format!(": `{key}`") })]
+    SpecFile { file: std::path::PathBuf, line: Option<usize>, key: String, message: String },
     #[error("cannot re-render with variant `{variant}`: no templates were given to the curator")]
     NoTemplates { variant: String },
     #[error("inference {inference}: cannot re-render with variant `{variant}`: {source}")]

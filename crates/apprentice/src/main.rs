@@ -1,5 +1,6 @@
 //! The `apprentice` command line: each command is a thin call into a library crate.
 
+mod curate;
 mod demo;
 mod envs;
 
@@ -43,6 +44,8 @@ enum Command {
     /// Play tasks of an env with a policy (the expert, noisy or not, or a function served by a
     /// gateway) and record every step with its feedback.
     Rollout(envs::RolloutArgs),
+    /// Select, weight and split recorded inferences into a reproducible training dataset.
+    Curate(curate::CurateArgs),
     /// Agentic environments: play one yourself, or print the gateway config for one.
     Env {
         #[command(subcommand)]
@@ -145,6 +148,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Rollout(args) => envs::run_rollout(args).await,
+        Command::Curate(args) => curate::run(args).await,
         Command::Env { command } => envs::run_env(command),
         Command::Bench { bench: Bench::Expert { episodes, epsilons, distractors, json } } => {
             envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())

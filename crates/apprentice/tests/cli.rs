@@ -103,3 +103,50 @@ fn rollout_records_expert_episodes_into_the_store() {
     assert_eq!(recorded, steps, "one recorded inference per step");
     assert!(steps >= 10);
 }
+
+#[test]
+fn curate_turns_a_rollout_into_identical_datasets_and_names_bad_spec_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.db");
+    let db = db.to_str().unwrap();
+    let out = apprentice(&["rollout", "--episodes", "20", "--policy", "expert?epsilon=0.5", "--store", db]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        "name = \"ok\"\nfunction = \"babyai::act\"\nvalidation_fraction = 0.25\n\n[selection]\ntype = \"boolean_metric\"\nmetric = \"success\"\nvalue = true\n",
+    )
+    .unwrap();
+    let mut summaries = Vec::new();
+    for run in ["a", "b"] {
+        let out_dir = dir.path().join(run);
+        let out = apprentice(&[
+            "curate",
+            "--spec",
+            spec.to_str().unwrap(),
+            "--env",
+            "babyai",
+            "--store",
+            db,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out_dir.join("ok-v1/summary.json")).unwrap()).unwrap();
+        let train = std::fs::read_to_string(out_dir.join("ok-v1/train.jsonl")).unwrap();
+        assert_eq!(train.lines().count() as u64, summary["summary"]["train_examples"].as_u64().unwrap());
+        assert!(train.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["messages"].is_array()));
+        summaries.push(summary["files"].clone());
+    }
+    assert_eq!(summaries[0], summaries[1], "a rerun gives the same files and hashes");
+
+    std::fs::write(&spec, "name = \"bad\"\nfunction = \"babyai::act\"\n\n[weighting]\ntype = \"sft_q\"\n").unwrap();
+    let out = apprentice(&["curate", "--spec", spec.to_str().unwrap(), "--env", "babyai", "--store", db]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("spec.toml:5") && stderr.contains("weighting.type") && stderr.contains("sft_q"),
+        "{stderr}"
+    );
+}
