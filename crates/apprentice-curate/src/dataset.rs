@@ -1,5 +1,6 @@
-//! The curation pipeline: load a function's history, select, build examples (re-rendered or
-//! replayed, demonstrations replacing outputs), clean, cap, weight, split by episode.
+//! The curation pipeline: load a function's history, select episodes and steps, build examples
+//! (re-rendered or replayed, demonstrations replacing outputs), clean, cap, weight, pack episodes
+//! into conversations, split by episode.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::example::{openai_messages, openai_tools, Example};
 use crate::export::Exported;
 use crate::history::History;
+use crate::packing::{approx_tokens, mark_context_turns, pack, Packing};
 use crate::selection::Selection;
 use crate::split::in_validation;
 use crate::weights::{assign, Weighting};
@@ -42,6 +44,13 @@ pub struct DatasetSpec {
     /// At most this many examples per task (tag `task`), the oldest first.
     #[serde(default)]
     pub max_per_task: Option<usize>,
+    /// Whether an episode whose inferences extend one another becomes one multi-turn example.
+    #[serde(default)]
+    pub packing: Packing,
+    /// Step-level curation within the selected episodes: a step failing it is not trained on (its
+    /// example is dropped; in a packed episode its assistant turn stays as context with weight 0).
+    #[serde(default)]
+    pub steps: Option<Selection>,
 }
 
 impl DatasetSpec {
@@ -74,6 +83,16 @@ pub struct Summary {
     pub dropped_duplicates: usize,
     pub dropped_over_task_cap: usize,
     pub dropped_no_weight: usize,
+    /// Selected steps that failed the `steps` selection: context only, or dropped.
+    pub masked_steps: usize,
+    /// Examples (train and validation) before and after packing episodes into conversations.
+    pub examples_before_packing: usize,
+    pub examples_after_packing: usize,
+    pub packed_episodes: usize,
+    /// Whitespace-separated words of all message contents, a stand-in for tokens, one example per
+    /// inference against packed.
+    pub approx_tokens_per_inference: usize,
+    pub approx_tokens_packed: usize,
     pub train_examples: usize,
     pub validation_examples: usize,
     pub train_episodes: usize,
@@ -141,9 +160,12 @@ impl<'a> Curator<'a> {
             }
             None => None,
         };
-        if let Weighting::SftQ { metric } = &spec.weighting {
-            if !self.metrics.contains_key(metric) {
-                return Err(CurateError::UnknownMetric(metric.clone()));
+        if let Some(metric) = spec.weighting.metric() {
+            let info = self.metrics.get(metric).ok_or_else(|| CurateError::UnknownMetric(metric.to_owned()))?;
+            if matches!(spec.weighting, Weighting::Stratified { .. }) && info.level != MetricLevel::Episode {
+                return Err(CurateError::InvalidSpec(format!(
+                    "stratified weighting ranks episodes by an episode-level metric; `{metric}` is inference-level"
+                )));
             }
         }
         let history = History::load(self.store, &spec.function).await?;
@@ -151,13 +173,24 @@ impl<'a> Curator<'a> {
             Some(selection) => selection.evaluate(&history, &self.metrics)?,
             None => vec![true; history.inferences.len()],
         };
+        let step_mask = match &spec.steps {
+            Some(steps) => steps.evaluate(&history, &self.metrics)?,
+            None => vec![true; history.inferences.len()],
+        };
         let mut summary = Summary { inferences: history.inferences.len(), ..Default::default() };
 
         let mut examples = Vec::new();
         let mut seen = HashSet::new();
         let mut per_task: HashMap<Option<String>, usize> = HashMap::new();
-        for (inference, _) in history.inferences.iter().zip(&mask).filter(|(_, keep)| **keep) {
+        for ((inference, _), step_ok) in
+            history.inferences.iter().zip(&mask).zip(&step_mask).filter(|((_, keep), _)| **keep)
+        {
             summary.selected += 1;
+            // A later step's prompt still holds this step's output, so packing keeps it as context.
+            if !step_ok {
+                summary.masked_steps += 1;
+                continue;
+            }
             let demonstration = history.demonstration(inference.id);
             let output = demonstration.unwrap_or(&inference.output);
             // An output that failed its schema would teach the model to fail it too.
@@ -188,7 +221,7 @@ impl<'a> Curator<'a> {
 
         let by_id: HashMap<_, &InferenceRecord> = history.inferences.iter().map(|i| (i.id, i)).collect();
         summary.dropped_no_weight = assign(&spec.weighting, &mut examples, |example| {
-            let Weighting::SftQ { metric } = &spec.weighting else { return Some(1.0) };
+            let Some(metric) = spec.weighting.metric() else { return Some(1.0) };
             let info = self.metrics.get(metric)?;
             let inference = by_id.get(&example.inference_id)?;
             let target = match info.level {
@@ -197,6 +230,19 @@ impl<'a> Curator<'a> {
             };
             history.scalar(metric, target).map(|s| s.number())
         })?;
+
+        summary.examples_before_packing = examples.len();
+        summary.approx_tokens_per_inference = approx_tokens(&examples);
+        if spec.packing == Packing::Auto {
+            let packed = pack(examples);
+            examples = packed.examples;
+            summary.packed_episodes = packed.episodes;
+        }
+        for example in &mut examples {
+            mark_context_turns(example);
+        }
+        summary.examples_after_packing = examples.len();
+        summary.approx_tokens_packed = approx_tokens(&examples);
 
         let (validation, train): (Vec<Example>, Vec<Example>) =
             examples.into_iter().partition(|e| in_validation(spec.seed, e.episode_id, spec.validation_fraction));
@@ -236,6 +282,7 @@ impl<'a> Curator<'a> {
             weight: 1.0,
             episode_id: inference.episode_id,
             inference_id: inference.id,
+            inference_ids: vec![inference.id],
             task: inference.tags.get("task").cloned(),
             demonstrated,
         })

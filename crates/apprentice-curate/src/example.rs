@@ -21,7 +21,11 @@ pub struct Example {
     pub tools: Vec<Value>,
     pub weight: f64,
     pub episode_id: Uuid,
+    /// The inference this example comes from; for a packed episode, its last one.
     pub inference_id: Uuid,
+    /// The inferences whose outputs this example trains on, in order: its own, or a packed
+    /// episode's (assistant turns with `"weight": 1`).
+    pub inference_ids: Vec<Uuid>,
     /// The inference's `task` tag, if any.
     pub task: Option<String>,
     /// True when a demonstration replaced the model's output.

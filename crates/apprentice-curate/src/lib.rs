@@ -1,16 +1,20 @@
 //! Curation: from a function's recorded inferences and feedback to a weighted, reproducible
 //! training dataset.
 //!
-//! A [`DatasetSpec`] names the function, a [`Selection`] over its inferences, the variant whose
-//! templates render the examples (or none, to replay what was sent), a [`Weighting`] and the
-//! hygiene settings. [`Curator::curate`] loads the function's history from the store once, selects,
-//! builds OpenAI-chat [`Example`]s, cleans, weights and splits them by episode; [`export`] turns
-//! them into JSONL with a content hash, so a rerun can be checked byte for byte.
+//! A [`DatasetSpec`] names the function, a [`Selection`] over its inferences, an optional step
+//! selection within the kept episodes, the variant whose templates render the examples (or none,
+//! to replay what was sent), a [`Weighting`], the [`Packing`] and the hygiene settings.
+//! [`Curator::curate`] loads the function's history from the store once, selects, builds
+//! OpenAI-chat [`Example`]s, cleans, weights, packs each episode that is one growing conversation
+//! into a single multi-turn example (per-message `weight` 1 on trained turns, 0 on context) and
+//! splits them by episode; [`export`] turns them into JSONL with a content hash, so a rerun can be
+//! checked byte for byte.
 
 mod dataset;
 mod example;
 pub mod export;
 mod history;
+mod packing;
 mod selection;
 mod split;
 mod weights;
@@ -25,6 +29,7 @@ pub use dataset::{Curator, Dataset, DatasetSpec, Summary};
 pub use example::Example;
 pub use export::{content_hash, to_jsonl, Exported};
 pub use history::History;
+pub use packing::Packing;
 pub use selection::{Comparison, Selection};
 pub use weights::Weighting;
 

@@ -9,7 +9,7 @@ use apprentice_core::{
     new_id, ContentBlock, FeedbackRecord, FeedbackValue, InferenceOutput, InferenceRecord, JsonOutput, MetricLevel,
 };
 use apprentice_curate::{
-    content_hash, Comparison, CurateError, Curator, DatasetSpec, MetricInfo, Metrics, Selection, Weighting,
+    content_hash, Comparison, CurateError, Curator, DatasetSpec, MetricInfo, Metrics, Packing, Selection, Weighting,
 };
 use apprentice_envs::babyai::{BabyAi, FUNCTION_NAME};
 use apprentice_envs::rollout::{rollout, Policy, RolloutOptions, RolloutSummary};
@@ -66,13 +66,41 @@ fn babyai_metrics() -> Metrics {
         .collect()
 }
 
+/// One example per inference, as most tests count them; the packing tests ask for `auto`.
 fn spec(selection: Option<Selection>) -> DatasetSpec {
     serde_json::from_value::<DatasetSpec>(json!({"name": "t", "function": FUNCTION_NAME}))
         .map(|mut s| {
             s.selection = selection;
+            s.packing = Packing::PerInference;
             s
         })
         .unwrap()
+}
+
+fn packed_spec(selection: Option<Selection>) -> DatasetSpec {
+    let s =
+        serde_json::from_value::<DatasetSpec>(json!({"name": "t", "function": FUNCTION_NAME, "selection": selection}))
+            .unwrap();
+    assert_eq!(s.packing, Packing::Auto, "the default");
+    s
+}
+
+/// A message without its `weight` key, to compare packed context with per-inference prompts.
+fn unweighted(message: &serde_json::Value) -> serde_json::Value {
+    let mut message = message.clone();
+    message.as_object_mut().unwrap().remove("weight");
+    message
+}
+
+/// Positions and weights of a packed example's assistant turns.
+fn assistant_turns(example: &apprentice_curate::Example) -> Vec<(usize, u64)> {
+    example
+        .messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m["role"] == "assistant")
+        .map(|(i, m)| (i, m["weight"].as_u64().expect("every assistant turn of a packed example is weighted")))
+        .collect()
 }
 
 fn boolean(metric: &str, value: bool) -> Selection {
@@ -483,4 +511,213 @@ async fn a_config_gives_metric_levels_functions_and_templates() {
     s.function = "babyai::other".into();
     let err = curator.curate(&s).await.unwrap_err();
     assert!(matches!(err, CurateError::UnknownFunction(_)), "{err}");
+}
+
+#[tokio::test]
+async fn packed_episodes_train_the_same_turns_in_the_same_context() {
+    let f = Fixture::new().await;
+    let per = f.curator().curate(&spec(None)).await.unwrap();
+    let packed = f.curator().curate(&packed_spec(None)).await.unwrap();
+    let by_id: HashMap<_, _> = per.train.iter().map(|e| (e.inference_id, e)).collect();
+    let mut per_episode: HashMap<uuid::Uuid, usize> = HashMap::new();
+    for e in &per.train {
+        *per_episode.entry(e.episode_id).or_default() += 1;
+    }
+    let multi = per_episode.values().filter(|n| **n >= 2).count();
+    assert!(multi > 0);
+    assert_eq!(packed.summary.packed_episodes, multi, "every BabyAI episode is a conversation");
+    assert_eq!(packed.train.len(), per_episode.len());
+    assert_eq!(packed.summary.examples_before_packing, per.train.len());
+    assert_eq!(packed.summary.examples_after_packing, packed.train.len());
+    assert_eq!(per.summary.examples_before_packing, per.summary.examples_after_packing);
+    assert_eq!(per.summary.approx_tokens_per_inference, per.summary.approx_tokens_packed);
+    assert_eq!(packed.summary.approx_tokens_per_inference, per.summary.approx_tokens_per_inference);
+    assert!(packed.summary.approx_tokens_packed * 2 < packed.summary.approx_tokens_per_inference);
+
+    let mut trained = BTreeSet::new();
+    for example in &packed.train {
+        let turns = assistant_turns(example);
+        let learned: Vec<usize> = turns.iter().filter(|(_, w)| *w == 1).map(|(i, _)| *i).collect();
+        assert_eq!(learned.len(), example.inference_ids.len());
+        assert_eq!(learned.len(), turns.len(), "no step was left out, so no turn is context only");
+        for (position, id) in learned.iter().zip(&example.inference_ids) {
+            let single = by_id[id];
+            let prompt: Vec<_> = single.messages[..single.messages.len() - 1].iter().map(unweighted).collect();
+            let context: Vec<_> = example.messages[..*position].iter().map(unweighted).collect();
+            assert_eq!(context, prompt, "the context before the turn is its own prompt");
+            assert_eq!(unweighted(&example.messages[*position]), unweighted(single.messages.last().unwrap()));
+            assert!(trained.insert(*id), "each inference is trained once");
+        }
+        assert_eq!(example.inference_id, *example.inference_ids.last().unwrap());
+    }
+    assert_eq!(trained, ids(&per.train));
+
+    let exported = packed.export_train(false).unwrap();
+    let first: serde_json::Value = serde_json::from_str(exported.jsonl.lines().next().unwrap()).unwrap();
+    let weights: Vec<_> = first["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "assistant")
+        .map(|m| &m["weight"])
+        .collect();
+    assert!(!weights.is_empty() && weights.iter().all(|w| **w == json!(1)));
+}
+
+#[tokio::test]
+async fn an_episode_whose_prompts_do_not_extend_stays_one_example_per_inference() {
+    let f = Fixture::new().await;
+    let long = f.rollout.episodes.iter().find(|e| e.steps >= 3).unwrap();
+    let first = f.inferences.iter().find(|i| i.episode_id == long.episode_id).unwrap();
+    // The next step was sent the model's answer, not the demonstration, so the episode is no conversation.
+    let demo = InferenceOutput::Chat { content: vec![ContentBlock::Text { text: "a better answer".into() }] };
+    f.write(vec![feedback(MetricLevel::Inference, first.id, "demonstration", FeedbackValue::Demonstration(demo))])
+        .await;
+    let packed = f.curator().curate(&packed_spec(None)).await.unwrap();
+    let of_long: Vec<_> = packed.train.iter().filter(|e| e.episode_id == long.episode_id).collect();
+    assert_eq!(of_long.len(), long.steps as usize);
+    assert!(of_long.iter().all(|e| e.inference_ids == [e.inference_id]));
+    // Unpacked, each example trains on its own output only: earlier assistant turns are context.
+    for example in &of_long {
+        let assistants = example.messages.iter().filter(|m| m["role"] == "assistant").count();
+        if assistants >= 2 {
+            let last = example.messages.len() - 1;
+            let turns = assistant_turns(example);
+            assert!(turns.iter().all(|(i, w)| *w == u64::from(*i == last)), "{turns:?}");
+        } else {
+            assert!(example.messages.iter().all(|m| m.get("weight").is_none()), "a single turn needs no weight key");
+        }
+    }
+    assert_eq!(packed.train.len(), EPISODES as usize - 1 + long.steps as usize);
+    assert_eq!(packed.summary.packed_episodes, EPISODES as usize - 1);
+}
+
+#[tokio::test]
+async fn steps_without_progress_are_context_with_weight_zero_or_dropped() {
+    let f = Fixture::new().await;
+    let mut progress = HashMap::new();
+    for i in &f.inferences {
+        let value = f.store.feedback_for(i.id).await.unwrap().iter().find_map(|fb| match fb.value {
+            FeedbackValue::Boolean(b) if fb.metric_name == "progress" => Some(b),
+            _ => None,
+        });
+        progress.insert(i.id, value.unwrap());
+    }
+    let mut s = packed_spec(Some(boolean("success", true)));
+    s.steps = Some(boolean("progress", true));
+    let packed = f.curator().curate(&s).await.unwrap();
+    let selected = f.steps_of(|e| e.success);
+    let masked = f
+        .inferences
+        .iter()
+        .filter(|i| !progress[&i.id] && f.rollout.episodes.iter().any(|e| e.episode_id == i.episode_id && e.success))
+        .count();
+    assert!(masked > 0);
+    assert_eq!(packed.summary.selected, selected);
+    assert_eq!(packed.summary.masked_steps, masked);
+
+    let mut zero_turns = 0;
+    for example in packed.train.iter().filter(|e| e.inference_ids.len() >= 2) {
+        let steps: Vec<_> = f.inferences.iter().filter(|i| i.episode_id == example.episode_id).collect();
+        let turns = assistant_turns(example);
+        assert!(turns.len() <= steps.len());
+        for ((_, weight), step) in turns.iter().zip(&steps) {
+            assert_eq!(*weight == 1, progress[&step.id], "weight 1 exactly on the steps with progress");
+            zero_turns += usize::from(*weight == 0);
+        }
+    }
+    assert!(zero_turns > 0);
+
+    s.packing = Packing::PerInference;
+    let per = f.curator().curate(&s).await.unwrap();
+    assert_eq!(per.train.len() + per.summary.dropped_duplicates, selected - masked);
+    assert!(per.train.iter().all(|e| progress[&e.inference_id]));
+    assert_eq!(per.summary.masked_steps, masked);
+}
+
+#[tokio::test]
+async fn stratified_sft_q_keeps_the_top_decile_of_episodes_in_three_bands() {
+    let f = Fixture::new().await;
+    let mut s = spec(None);
+    s.weighting = Weighting::Stratified { metric: "return".into() };
+    let dataset = f.curator().curate(&s).await.unwrap();
+    let mut returns: Vec<f64> = f.rollout.episodes.iter().map(|e| e.episode_return).collect();
+    returns.sort_by(f64::total_cmp);
+    // numpy.percentile's default, as the reference code uses.
+    let percentile = |p: f64| {
+        let rank = p / 100.0 * (returns.len() - 1) as f64;
+        let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+        returns[lo] + (returns[hi] - returns[lo]) * (rank - lo as f64)
+    };
+    let band = |r: f64| {
+        if r >= percentile(98.0) {
+            3.0
+        } else if r >= percentile(95.0) {
+            2.0
+        } else if r >= percentile(90.0) {
+            1.0
+        } else {
+            0.0
+        }
+    };
+    let returns_of: HashMap<_, _> = f.rollout.episodes.iter().map(|e| (e.episode_id, e.episode_return)).collect();
+    let kept: BTreeSet<_> = dataset.train.iter().map(|e| e.episode_id).collect();
+    let expected: BTreeSet<_> =
+        f.rollout.episodes.iter().filter(|e| band(e.episode_return) > 0.0).map(|e| e.episode_id).collect();
+    assert_eq!(kept, expected);
+    assert!(expected.len() >= EPISODES as usize / 10 && expected.len() < EPISODES as usize / 2);
+    let unit = dataset.train[0].weight / band(returns_of[&dataset.train[0].episode_id]);
+    for e in &dataset.train {
+        assert!((e.weight - unit * band(returns_of[&e.episode_id])).abs() < 1e-9, "weights 3:2:1 by band");
+    }
+    let bands: BTreeSet<u8> = dataset.train.iter().map(|e| band(returns_of[&e.episode_id]) as u8).collect();
+    assert_eq!(bands, [1, 2, 3].into(), "40 distinct-enough returns fill every band");
+    let mean = dataset.train.iter().map(|e| e.weight).sum::<f64>() / dataset.train.len() as f64;
+    assert!((mean - 1.0).abs() < 1e-9, "{mean}");
+    assert_eq!(dataset.summary.dropped_no_weight, f.steps_of(|e| band(e.episode_return) == 0.0));
+
+    s.weighting = Weighting::Stratified { metric: "reward".into() };
+    let err = f.curator().curate(&s).await.unwrap_err();
+    assert!(matches!(&err, CurateError::InvalidSpec(m) if m.contains("inference-level")), "{err}");
+    let parsed: Weighting = serde_json::from_value(json!({"type": "stratified", "metric": "return"})).unwrap();
+    assert_eq!(parsed, Weighting::Stratified { metric: "return".into() });
+}
+
+#[tokio::test]
+async fn packing_keeps_episode_weights_and_falls_back_when_steps_weigh_differently() {
+    let f = Fixture::new().await;
+    let mut s = packed_spec(None);
+    s.weighting = Weighting::SftQ { metric: "return".into() };
+    let packed = f.curator().curate(&s).await.unwrap();
+    let returns: HashMap<_, _> = f.rollout.episodes.iter().map(|e| (e.episode_id, e.episode_return)).collect();
+    assert_eq!(packed.train.len(), f.rollout.episodes.iter().filter(|e| e.episode_return > 0.0).count());
+    let ratio = packed.train[0].weight / returns[&packed.train[0].episode_id];
+    assert!(packed.train.iter().all(|e| (e.weight / returns[&e.episode_id] - ratio).abs() < 1e-9));
+
+    // Inference-level weights that differ within an episode cannot share one example weight.
+    let episode = f.rollout.episodes.iter().find(|e| e.success && e.steps >= 2 && e.episode_return != 0.5).unwrap();
+    let first = f.inferences.iter().find(|i| i.episode_id == episode.episode_id).unwrap();
+    f.write(vec![feedback(MetricLevel::Inference, first.id, "reward", FeedbackValue::Float(0.5))]).await;
+    s.weighting = Weighting::SftQ { metric: "reward".into() };
+    let by_reward = f.curator().curate(&s).await.unwrap();
+    let of_episode: Vec<_> = by_reward.train.iter().filter(|e| e.episode_id == episode.episode_id).collect();
+    assert_eq!(of_episode.len(), 2, "the first step and the rewarded last one");
+    assert_ne!(of_episode[0].weight, of_episode[1].weight);
+    assert!(of_episode.iter().all(|e| e.inference_ids.len() == 1));
+    assert_eq!(by_reward.summary.packed_episodes, 0);
+}
+
+#[test]
+fn packing_and_steps_come_from_a_spec_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spec.toml");
+    let text = "name = \"n\"\nfunction = \"f\"\npacking = \"per_inference\"\n\
+                [steps]\ntype = \"boolean_metric\"\nmetric = \"progress\"\nvalue = true\n";
+    std::fs::write(&path, text).unwrap();
+    let spec = DatasetSpec::load(&path).unwrap();
+    assert_eq!(spec.packing, Packing::PerInference);
+    assert_eq!(spec.steps, Some(boolean("progress", true)));
+    std::fs::write(&path, "name = \"n\"\nfunction = \"f\"\npacking = \"episodes\"\n").unwrap();
+    let err = DatasetSpec::load(&path).unwrap_err().to_string();
+    assert!(err.contains("packing") && err.contains(":3"), "{err}");
 }

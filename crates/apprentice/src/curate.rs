@@ -90,6 +90,16 @@ fn write(out: &std::path::Path, dataset: &Dataset) -> anyhow::Result<()> {
     println!("{:<28} {:>10}", "dropped: duplicates", s.dropped_duplicates);
     println!("{:<28} {:>10}", "dropped: over task cap", s.dropped_over_task_cap);
     println!("{:<28} {:>10}", "dropped: no quality weight", s.dropped_no_weight);
+    println!("{:<28} {:>10}", "steps kept as context only", s.masked_steps);
+    println!(
+        "{:<28} {:>10} -> {} ({} episodes packed; ~{} -> ~{} words of text)",
+        "examples before -> after packing",
+        s.examples_before_packing,
+        s.examples_after_packing,
+        s.packed_episodes,
+        s.approx_tokens_per_inference,
+        s.approx_tokens_packed
+    );
     println!("{:<28} {:>10} ({} episodes)", "train examples", s.train_examples, s.train_episodes);
     println!("{:<28} {:>10} ({} episodes)", "validation examples", s.validation_examples, s.validation_episodes);
     println!("written to {}", dir.display());
