@@ -147,10 +147,7 @@ async fn check_recorded(store: &dyn Store, summary: &RolloutSummary) {
 
 #[tokio::test]
 async fn noisy_expert_rollout_records_every_step_with_feedback() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("r.db"), WriteMode::Durable).await.unwrap());
-    let recorder = Arc::new(Recorder::spawn(store.clone(), WriteMode::Durable, 1024, None));
+    let (_dir, store, recorder) = expert_store().await;
     let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: 60, concurrency: 4, seed: 7 };
     let policy: Policy = "expert?epsilon=0.5".parse().unwrap();
     let summary = rollout(Corridor::new, &policy, Some(recorder.clone()), &options, |_| {}).await.unwrap();
@@ -177,10 +174,7 @@ async fn noisy_expert_rollout_records_every_step_with_feedback() {
 #[tokio::test]
 async fn same_seed_gives_the_same_noisy_rollout() {
     let run = || async {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("r.db"), WriteMode::Durable).await.unwrap());
-        let recorder = Arc::new(Recorder::spawn(store, WriteMode::Durable, 64, None));
+        let (_dir, _store, recorder) = expert_store().await;
         let options = RolloutOptions { split: Split::Test, start_index: 5, episodes: 20, concurrency: 3, seed: 11 };
         let summary =
             rollout(Corridor::new, &Policy::Expert { epsilon: 0.3 }, Some(recorder), &options, |_| {}).await.unwrap();
@@ -215,10 +209,7 @@ async fn gateway_policy_with_a_mock_llm_records_the_same_way() {
 
 #[tokio::test]
 async fn babyai_noisy_expert_rollout_of_200_episodes_lands_in_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("b.db"), WriteMode::Durable).await.unwrap());
-    let recorder = Arc::new(Recorder::spawn(store.clone(), WriteMode::Durable, 4096, None));
+    let (_dir, store, recorder) = expert_store().await;
     let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: 200, concurrency: 4, seed: 3 };
     let summary =
         rollout(BabyAi::new, &Policy::Expert { epsilon: 0.3 }, Some(recorder), &options, |_| {}).await.unwrap();
@@ -289,4 +280,13 @@ async fn gateway_with_mock_llm(
     let gateway = apprentice_gateway::Gateway::with_store(config, store.clone()).unwrap();
     let server = apprentice_gateway::RunningGateway::start(gateway, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     (server, store, dir)
+}
+
+/// A fresh durable store in a scratch folder, and a recorder writing to it.
+async fn expert_store() -> (tempfile::TempDir, Arc<dyn Store>, Arc<Recorder>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.path().join("rollout.db"), WriteMode::Durable).await.unwrap());
+    let recorder = Arc::new(Recorder::spawn(store.clone(), WriteMode::Durable, 4096, None));
+    (dir, store, recorder)
 }
