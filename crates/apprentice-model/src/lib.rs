@@ -1,0 +1,14 @@
+//! The student model: llama-family model code in candle that autograd reaches end to end,
+//! loading and saving (GGUF, HF safetensors folders), the tokenizer, the model's own chat
+//! template with assistant-only loss masks, and generation with a KV cache.
+//!
+//! Each module owns its error type; nothing here knows about the gateway or the store.
+
+pub mod cache;
+pub mod chat_template;
+pub mod config;
+pub mod generate;
+pub mod llama;
+pub mod load;
+pub mod save;
+pub mod tokenizer;
