@@ -3,6 +3,7 @@
 mod curate;
 mod demo;
 mod envs;
+mod model;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,6 +52,8 @@ enum Command {
         #[command(subcommand)]
         command: envs::EnvCommand,
     },
+    /// Student base models: fetch into the model cache, list, resolve.
+    Model(model::ModelArgs),
     /// Benchmarks; each prints a table and can write JSON.
     Bench {
         #[command(subcommand)]
@@ -71,6 +74,8 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Curation over a large synthetic history: fill a store, curate by an episode metric, export.
+    Curate(curate::BenchCurateArgs),
     /// Latency the gateway adds (p50/p99) against a loopback upstream, direct vs through the gateway.
     Gateway {
         #[arg(long, default_value_t = 2000)]
@@ -150,9 +155,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Rollout(args) => envs::run_rollout(args).await,
         Command::Curate(args) => curate::run(args).await,
         Command::Env { command } => envs::run_env(command),
+        Command::Model(args) => model::run(args),
         Command::Bench { bench: Bench::Expert { episodes, epsilons, distractors, json } } => {
             envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())
         }
+        Command::Bench { bench: Bench::Curate(args) } => curate::bench(args).await,
         Command::Bench {
             bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json },
         } => {
