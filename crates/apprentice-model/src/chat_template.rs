@@ -17,7 +17,10 @@
 //! prefix with the turn, which must be a prefix of the whole text — otherwise a clear error).
 //! The span runs from the end of the generation prompt through the end-of-turn token (the
 //! tokenizer's eos, `<|im_end|>` for SmolLM2); what follows it (the newline) and everything else
-//! gets no loss. A token gets its turn's weight when its byte range overlaps the span.
+//! gets no loss. The text is tokenized piece by piece (before the first turn, the turn, between
+//! turns, ...), so a turn's tokens are exactly what the model generates after the prompt; the ids
+//! equal tokenizing the whole text at once except where a content starts with whitespace that
+//! would merge with the header's newline into one token.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -107,7 +110,7 @@ pub struct AssistantTurn {
     pub weight: f32,
     /// Byte range of the trained text (content through the end-of-turn token) in `text`.
     pub text_range: Range<usize>,
-    /// The tokens that overlap `text_range`.
+    /// The tokens of `text_range` in `input_ids`.
     pub token_range: Range<usize>,
 }
 
@@ -115,6 +118,7 @@ pub struct AssistantTurn {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossMaskedExample {
     pub text: String,
+    /// The ids of `text`, tokenized piece by piece at turn boundaries.
     pub input_ids: Vec<u32>,
     /// One per token: the weight of the assistant turn it belongs to, else 0.
     pub weights: Vec<f32>,
@@ -142,6 +146,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_formatter(python_formatter);
         env.add_filter("tojson", tojson_filter);
         env.add_function("raise_exception", |message: String| -> std::result::Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{message}")))
@@ -373,22 +378,26 @@ impl ChatTemplate {
             }
             spans.push((index, weights_by_message[index] * example_weight, start..end));
         }
-        let (input_ids, offsets) = tokenizer.encode_with_offsets(&text)?;
-        let mut weights = vec![0.0f32; input_ids.len()];
+        // Tokenize piece by piece: the text before each turn, the turn, ..., the rest. A turn's
+        // first token then starts exactly where generation starts after the prompt.
+        let mut input_ids = Vec::new();
+        let mut weights = Vec::new();
         let mut turns = Vec::with_capacity(spans.len());
+        let mut at = 0;
         for (message_index, weight, range) in spans {
-            let mut first = None;
-            let mut last = 0;
-            for (t, &(s, e)) in offsets.iter().enumerate() {
-                if s < range.end && e > range.start {
-                    first.get_or_insert(t);
-                    last = t + 1;
-                    weights[t] = weight;
-                }
-            }
-            let first = first.unwrap_or(last);
-            turns.push(AssistantTurn { message_index, weight, text_range: range, token_range: first..last });
+            let before = tokenizer.encode(&text[at..range.start], false)?;
+            weights.resize(weights.len() + before.len(), 0.0);
+            input_ids.extend(before);
+            let ids = tokenizer.encode(&text[range.clone()], false)?;
+            let token_range = input_ids.len()..input_ids.len() + ids.len();
+            weights.resize(weights.len() + ids.len(), weight);
+            input_ids.extend(ids);
+            at = range.end;
+            turns.push(AssistantTurn { message_index, weight, text_range: range, token_range });
         }
+        let rest = tokenizer.encode(&text[at..], false)?;
+        weights.resize(weights.len() + rest.len(), 0.0);
+        input_ids.extend(rest);
         Ok(LossMaskedExample { text, input_ids, weights, turns })
     }
 
@@ -480,6 +489,81 @@ pub fn strip_generation_tags(source: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Writes values as Python's `str()` does (jinja2 prints with `str`): `True`, `False`, `None`,
+/// floats as `repr`, lists and dicts as their Python repr. Strings and the rest as minijinja does.
+fn python_formatter(
+    out: &mut minijinja::Output<'_>,
+    state: &minijinja::State<'_, '_>,
+    value: &Value,
+) -> std::result::Result<(), Error> {
+    match value.kind() {
+        ValueKind::Bool | ValueKind::None | ValueKind::Seq | ValueKind::Map => {
+            let mut text = String::new();
+            python_repr(value, &mut text)?;
+            out.write_str(&text).map_err(Error::from)
+        }
+        ValueKind::Number if !value.is_integer() => {
+            out.write_str(&python_float_repr(f64::try_from(value.clone())?)).map_err(Error::from)
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+/// Python's `repr()` of a value (strings quoted as Python quotes them).
+fn python_repr(value: &Value, out: &mut String) -> std::result::Result<(), Error> {
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
+        ValueKind::Number if value.is_integer() => out.push_str(&value.to_string()),
+        ValueKind::Number => out.push_str(&python_float_repr(f64::try_from(value.clone())?)),
+        ValueKind::String => {
+            let s = value.as_str().unwrap_or_default();
+            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            out.push(quote);
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == quote => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if c.is_control() && (c as u32) < 0x100 => out.push_str(&format!("\\x{:02x}", c as u32)),
+                    c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push(quote);
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            out.push('[');
+            for (i, item) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(&item, out)?;
+            }
+            out.push(']');
+        }
+        ValueKind::Map => {
+            out.push('{');
+            for (i, key) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(&key, out)?;
+                out.push_str(": ");
+                python_repr(&value.get_item(&key)?, out)?;
+            }
+            out.push('}');
+        }
+        _ => out.push_str(&value.to_string()),
+    }
+    Ok(())
 }
 
 /// Python's `json.dumps(value, ensure_ascii=False)` of a JSON value.

@@ -12,3 +12,7 @@ pub mod llama;
 pub mod load;
 pub mod save;
 pub mod tokenizer;
+
+pub use cache::{resolve_model, ModelCache};
+pub use chat_template::{ChatTemplate, LossMaskedExample};
+pub use tokenizer::Tokenizer;

@@ -83,6 +83,9 @@ pub enum TokenizerError {
 
 type Result<T> = std::result::Result<T, TokenizerError>;
 
+/// A token's `(start, end)` byte range in the encoded text.
+pub type ByteRange = (usize, usize);
+
 /// The pre-tokenization families [`SUPPORTED_PRE_TOKENIZERS`] map to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreTokenizerKind {
@@ -513,7 +516,7 @@ impl Tokenizer {
     /// Token ids of `text` with no special tokens added, and each token's byte range in `text`.
     /// Tokens that cover part of one character (byte-level pieces of an emoji) each report that
     /// character's whole range.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
         let encoding = self.plain.encode(text, false).map_err(|e| Self::encode_error(text, e))?;
         Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
