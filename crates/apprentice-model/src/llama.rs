@@ -1,1 +1,574 @@
+//! A llama-family decoder (Llama/SmolLM2, Qwen2) that autograd reaches end to end.
+//!
+//! Every op here has a backward pass: `ops::softmax` rather than `softmax_last_dim`, a
+//! hand-written RMSNorm and rotary embedding rather than the fused kernels, which return tensors
+//! detached from the graph. The forward pass returns logits for all positions, and the KV cache
+//! lives outside the model, so the same module serves training and generation.
+//!
+//! Rotary layout: one layout everywhere, the HF "half-split" one (dimension `i` pairs with
+//! `i + head_dim/2`). GGUF files of llama architecture store Q/K rows permuted for llama.cpp's
+//! interleaved rotary; `load` un-permutes them and `save` permutes them back, so weights in
+//! memory always have HF layout and HF names (`model.layers.N.self_attn.q_proj.weight`, ...).
 
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, Init, VarBuilder};
+
+use crate::config::ModelConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("invalid model config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+}
+
+pub type Result<T> = std::result::Result<T, LlamaError>;
+
+/// Standard deviation of freshly initialised weights (HF `initializer_range`).
+const INIT_STD: f64 = 0.02;
+
+/// A projection `y = x Wᵀ + b`. Kept as our own named type so a LoRA adapter later wraps the
+/// projections in one place instead of every call site.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { inner: candle_nn::Linear::new(weight, bias) }
+    }
+
+    fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let init = Init::Randn { mean: 0.0, stdev: INIT_STD };
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+        let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Self::new(weight, bias))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(x)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
+        Ok(Self { weight, eps: eps as f32 })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?)
+    }
+}
+
+/// Rotary embedding angles, computed for exactly the positions a forward pass needs: positions
+/// differ per row once batches are left-padded, and computing them on demand has no length limit.
+#[derive(Debug, Clone)]
+struct Rotary {
+    inv_freq: Vec<f64>,
+}
+
+impl Rotary {
+    fn new(config: &ModelConfig) -> Self {
+        let d = config.head_dim;
+        let inv_freq = (0..d / 2).map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        Self { inv_freq }
+    }
+
+    /// `cos, sin` of shape `[rows, 1, T, head_dim/2]` for `positions` given row by row.
+    fn angles(&self, positions: &[Vec<usize>], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let rows = positions.len();
+        let t = positions.first().map_or(0, Vec::len);
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(rows * t * half);
+        let mut sin = Vec::with_capacity(rows * t * half);
+        for row in positions {
+            for &p in row {
+                for &f in &self.inv_freq {
+                    let angle = p as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (rows, 1, t, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (rows, 1, t, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Half-split rotation of `x: [B, H, T, head_dim]`: dimension `i` pairs with `i + head_dim/2`.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated_1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let rotated_2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Ok(Tensor::cat(&[rotated_1, rotated_2], D::Minus1)?)
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: &VarBuilder, config: &ModelConfig) -> Result<Self> {
+        let (h, kv, d) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim);
+        let bias = config.attention_bias;
+        Ok(Self {
+            q_proj: Linear::load(&vb.pp("q_proj"), config.hidden_size, h * d, bias)?,
+            k_proj: Linear::load(&vb.pp("k_proj"), config.hidden_size, kv * d, bias)?,
+            v_proj: Linear::load(&vb.pp("v_proj"), config.hidden_size, kv * d, bias)?,
+            o_proj: Linear::load(&vb.pp("o_proj"), h * d, config.hidden_size, false)?,
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
+        let q = apply_rotary(&q.contiguous()?, cos, sin)?;
+        let k = apply_rotary(&k.contiguous()?, cos, sin)?;
+
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(cache) => cache.append(k, v)?,
+        };
+        let s = k.dim(2)?;
+
+        // Grouped-query attention without copying K/V per query head: the `h / kv` query heads
+        // that share a KV head (consecutive, as HF's repeat_kv orders them) are stacked along
+        // the time axis and attend to that KV head in one matmul.
+        let group = h / kv;
+        let q = q.reshape((b, kv, group * t, d))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = scores.reshape((b, h, t, s))?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.reshape((b, kv, group * t, s))?.matmul(&v)?;
+        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: &VarBuilder, config: &ModelConfig) -> Result<Self> {
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(&vb.pp("gate_proj"), hidden, inter, false)?,
+            up_proj: Linear::load(&vb.pp("up_proj"), hidden, inter, false)?,
+            down_proj: Linear::load(&vb.pp("down_proj"), inter, hidden, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(vb: &VarBuilder, config: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&vb.pp("input_layernorm"), config.hidden_size, config.rms_norm_eps)?,
+            self_attn: Attention::load(&vb.pp("self_attn"), config)?,
+            post_attention_layernorm: RmsNorm::load(
+                &vb.pp("post_attention_layernorm"),
+                config.hidden_size,
+                config.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(&vb.pp("mlp"), config)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        let x = (x + attn)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// Keys and values of one layer for every position seen so far: `[B, kv_heads, S, head_dim]`.
+#[derive(Debug, Clone, Default)]
+struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl LayerCache {
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.kv.take() {
+            None => (k, v),
+            Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// The KV cache of one batch of sequences, kept outside the model so that training calls the
+/// model without one. Besides keys and values it remembers, per row, which cached slots hold
+/// real tokens (padding never becomes a key anyone attends to) and the position of the row's
+/// next real token.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    valid: Vec<Vec<bool>>,
+    next_position: Vec<usize>,
+}
+
+impl KvCache {
+    pub fn new(config: &ModelConfig, batch_size: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); config.num_hidden_layers],
+            valid: vec![Vec::new(); batch_size],
+            next_position: vec![0; batch_size],
+        }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.valid.len()
+    }
+
+    /// Cached slots per row, padding included.
+    pub fn len(&self) -> usize {
+        self.valid.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Real (non-padding) tokens cached for each row.
+    pub fn positions(&self) -> &[usize] {
+        &self.next_position
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    rotary: Rotary,
+    config: ModelConfig,
+}
+
+impl Llama {
+    /// Builds the model from `vb`, whose tensors carry HF names. Through
+    /// `VarBuilder::from_varmap` missing tensors are created (randomly initialised) as trainable
+    /// variables; loaders fill the `VarMap` first so nothing is created.
+    pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate("model config")?;
+        let embed_init = Init::Randn { mean: 0.0, stdev: INIT_STD };
+        let embed_weight = vb.pp("model.embed_tokens").get_with_hints(
+            (config.vocab_size, config.hidden_size),
+            "weight",
+            embed_init,
+        )?;
+        let embed_tokens = Embedding::new(embed_weight, config.hidden_size);
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&vb.pp(format!("model.layers.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&vb.pp("model.norm"), config.hidden_size, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(&vb.pp("lm_head"), config.hidden_size, config.vocab_size, false)?)
+        };
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary: Rotary::new(config), config: config.clone() })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Names and shapes of every parameter, in HF naming, in a stable order; the tied output
+    /// projection is not a parameter of its own.
+    pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let q_out = config.num_attention_heads * config.head_dim;
+        let kv_out = config.num_key_value_heads * config.head_dim;
+        let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![config.vocab_size, hidden])];
+        let linear =
+            |shapes: &mut Vec<(String, Vec<usize>)>, name: String, out_dim: usize, in_dim: usize, bias: bool| {
+                shapes.push((format!("{name}.weight"), vec![out_dim, in_dim]));
+                if bias {
+                    shapes.push((format!("{name}.bias"), vec![out_dim]));
+                }
+            };
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let bias = config.attention_bias;
+            linear(&mut shapes, format!("{p}.self_attn.q_proj"), q_out, hidden, bias);
+            linear(&mut shapes, format!("{p}.self_attn.k_proj"), kv_out, hidden, bias);
+            linear(&mut shapes, format!("{p}.self_attn.v_proj"), kv_out, hidden, bias);
+            linear(&mut shapes, format!("{p}.self_attn.o_proj"), hidden, q_out, false);
+            linear(&mut shapes, format!("{p}.mlp.gate_proj"), inter, hidden, false);
+            linear(&mut shapes, format!("{p}.mlp.up_proj"), inter, hidden, false);
+            linear(&mut shapes, format!("{p}.mlp.down_proj"), hidden, inter, false);
+            shapes.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
+            shapes.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
+        }
+        shapes.push(("model.norm.weight".to_string(), vec![hidden]));
+        if !config.tie_word_embeddings {
+            shapes.push(("lm_head.weight".to_string(), vec![config.vocab_size, hidden]));
+        }
+        shapes
+    }
+
+    /// The tensors the model computes with, by HF name, in `parameter_shapes` order: what
+    /// `save` writes.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.embeddings().clone())];
+        let linear = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| {
+            out.push((format!("{name}.weight"), l.weight().clone()));
+            if let Some(b) = l.bias() {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &layer.self_attn;
+            linear(&mut out, format!("{p}.self_attn.q_proj"), &a.q_proj);
+            linear(&mut out, format!("{p}.self_attn.k_proj"), &a.k_proj);
+            linear(&mut out, format!("{p}.self_attn.v_proj"), &a.v_proj);
+            linear(&mut out, format!("{p}.self_attn.o_proj"), &a.o_proj);
+            linear(&mut out, format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj);
+            linear(&mut out, format!("{p}.mlp.up_proj"), &layer.mlp.up_proj);
+            linear(&mut out, format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
+            out.push((format!("{p}.input_layernorm.weight"), layer.input_layernorm.weight.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.weight.clone()));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight.clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.weight().clone()));
+        }
+        out
+    }
+
+    /// Logits `[B, T, vocab]` for every position of `input_ids: [B, T]`, positions `0..T`, causal
+    /// attention only. The training forward: right padding needs no mask because no real token
+    /// attends to a later position.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.run(input_ids, None, None, false)
+    }
+
+    /// Like `forward` for a batch whose rows are padded anywhere: `attention_mask: [B, T]`, non-zero
+    /// for real tokens. Padding is never attended to and does not advance positions, so each row's
+    /// logits match those of the row alone without its padding.
+    pub fn forward_masked(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.run(input_ids, Some(attention_mask), None, false)
+    }
+
+    /// Forward over new tokens that continue the sequences in `cache`, which it extends.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(input_ids, attention_mask, Some(cache), false)
+    }
+
+    /// Like `forward_cached`, returning only the last column's logits `[B, vocab]`: what each
+    /// generation step needs, without the output projection of every prompt position.
+    pub fn forward_cached_last(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(input_ids, attention_mask, Some(cache), true)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2().map_err(|_| {
+            LlamaError::Input(format!("input_ids must be [batch, time], got shape {:?}", input_ids.dims()))
+        })?;
+        if t == 0 {
+            return Err(LlamaError::Input("input_ids has no positions".into()));
+        }
+        if input_ids.dtype().is_float() {
+            return Err(LlamaError::Input(format!("input_ids must be integer ids, got {:?}", input_ids.dtype())));
+        }
+        let new_valid: Option<Vec<Vec<bool>>> = match attention_mask {
+            None => None,
+            Some(mask) => {
+                if mask.dims() != [b, t] {
+                    return Err(LlamaError::Input(format!(
+                        "attention_mask shape {:?} differs from input_ids shape {:?}",
+                        mask.dims(),
+                        [b, t]
+                    )));
+                }
+                let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                Some(rows.into_iter().map(|r| r.into_iter().map(|m| m != 0.0).collect()).collect())
+            }
+        };
+        let dtype = self.embed_tokens.embeddings().dtype();
+        let device = input_ids.device();
+
+        let mut cache = cache;
+        let (past_valid, past_positions): (Vec<Vec<bool>>, Vec<usize>) = match cache.as_deref() {
+            Some(c) => {
+                if c.batch_size() != b {
+                    return Err(LlamaError::Input(format!("cache holds {} rows, input_ids has {b}", c.batch_size())));
+                }
+                (c.valid.clone(), c.next_position.clone())
+            }
+            None => (vec![Vec::new(); b], vec![0; b]),
+        };
+        let past = past_valid.first().map_or(0, Vec::len);
+
+        // Positions count real tokens only; a padding slot takes its row's current count, which
+        // does not matter since nothing attends to it.
+        let mut positions = Vec::with_capacity(b);
+        let mut next_positions = Vec::with_capacity(b);
+        for row in 0..b {
+            let mut p = past_positions[row];
+            let mut row_positions = Vec::with_capacity(t);
+            for step in 0..t {
+                row_positions.push(p);
+                let real = new_valid.as_ref().is_none_or(|v| v[row][step]);
+                if real {
+                    p += 1;
+                }
+            }
+            positions.push(row_positions);
+            next_positions.push(p);
+        }
+        let any_padding = new_valid.as_ref().is_some_and(|v| v.iter().flatten().any(|m| !m))
+            || past_valid.iter().flatten().any(|m| !m);
+        let same_positions = positions.iter().all(|p| p == &positions[0]);
+        let (cos, sin) = if same_positions {
+            self.rotary.angles(&positions[..1], dtype, device)?
+        } else {
+            self.rotary.angles(&positions, dtype, device)?
+        };
+
+        let mask = if any_padding {
+            let mut valid = past_valid.clone();
+            for (row, v) in valid.iter_mut().enumerate() {
+                v.extend((0..t).map(|step| new_valid.as_ref().is_none_or(|nv| nv[row][step])));
+            }
+            Some(attention_bias(&valid, past, t, dtype, device)?)
+        } else if t > 1 {
+            Some(attention_bias(&[vec![true; past + t]], past, t, dtype, device)?)
+        } else {
+            None
+        };
+
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), layer_cache)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let x = if last_only { x.narrow(1, t - 1, 1)?.squeeze(1)? } else { x };
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&x)?,
+            None => Linear::new(self.embed_tokens.embeddings().clone(), None).forward(&x)?,
+        };
+
+        if let Some(c) = cache {
+            for (row, v) in c.valid.iter_mut().enumerate() {
+                v.extend((0..t).map(|step| new_valid.as_ref().is_none_or(|nv| nv[row][step])));
+            }
+            c.next_position = next_positions;
+        }
+        Ok(logits)
+    }
+}
+
+/// Additive attention bias `[rows, 1, T, past + T]`: 0 where a query may attend, -inf elsewhere.
+/// Query `t` sits at slot `past + t`; it sees earlier-or-same slots that hold real tokens, and
+/// always itself, so a padding query never has an all-masked row (whose softmax would be NaN
+/// and, through `0 * NaN`, poison the real rows too).
+fn attention_bias(valid: &[Vec<bool>], past: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let s = past + t;
+    let mut bias = Vec::with_capacity(valid.len() * t * s);
+    for row in valid {
+        for q in 0..t {
+            let q_slot = past + q;
+            bias.extend((0..s).map(|k| if k == q_slot || (k < q_slot && row[k]) { 0f32 } else { f32::NEG_INFINITY }));
+        }
+    }
+    Ok(Tensor::from_vec(bias, (valid.len(), 1, t, s), device)?.to_dtype(dtype)?)
+}
