@@ -14,6 +14,6 @@ pub use config::{Config, ConfigError};
 pub use content::{ContentBlock, Input, InputMessage, Role, SystemInput, ToolCall, ToolResult};
 pub use ids::new_id;
 pub use record::{
-    FeedbackRecord, FeedbackValue, InferenceOutput, InferenceRecord, JsonOutput, MetricLevel, RenderedBlock,
-    RenderedMessage, RenderedRequest, ToolDefinition, Usage,
+    DatasetRecord, FeedbackRecord, FeedbackValue, InferenceOutput, InferenceRecord, JsonOutput, MetricLevel,
+    RenderedBlock, RenderedMessage, RenderedRequest, ToolDefinition, Usage,
 };

@@ -140,3 +140,22 @@ pub struct FeedbackRecord {
     pub tags: BTreeMap<String, String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
+
+/// A curated dataset as the store remembers it: what produced it and what it contained. A name
+/// and version name one content for good, so a rerun is checked against it, never silently
+/// replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetRecord {
+    pub name: String,
+    pub version: u32,
+    pub function_name: String,
+    /// The dataset spec (selection, weighting, split, packing) that produced it.
+    pub query: Value,
+    /// Over the hashes of its exported files; see `apprentice_curate::dataset_hash`.
+    pub content_hash: String,
+    pub train_examples: u64,
+    pub validation_examples: u64,
+    /// Per-file names, example counts, sizes and hashes.
+    pub files: Value,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}

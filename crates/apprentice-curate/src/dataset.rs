@@ -7,9 +7,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use apprentice_core::config::FunctionConfig;
 use apprentice_core::render::render_input;
 use apprentice_core::templates::Templates;
-use apprentice_core::{Config, InferenceOutput, InferenceRecord, MetricLevel};
-use apprentice_store::SqliteStore;
+use apprentice_core::{Config, InferenceOutput, MetricLevel};
+use apprentice_store::{InferenceBody, InferenceHead, SqliteStore};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::example::{openai_messages, openai_tools, Example};
 use crate::export::Exported;
@@ -74,7 +75,7 @@ fn first_version() -> u32 {
 }
 
 /// What each stage did, for the summary a user reads before training.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Summary {
     pub inferences: usize,
     pub selected: usize,
@@ -97,6 +98,49 @@ pub struct Summary {
     pub validation_examples: usize,
     pub train_episodes: usize,
     pub validation_episodes: usize,
+    /// Examples per task (tag `task`; untagged examples under ""), train and validation.
+    pub train_per_task: BTreeMap<String, usize>,
+    pub validation_per_task: BTreeMap<String, usize>,
+    /// Example weights of the train and validation examples together.
+    pub weight_histogram: Vec<WeightBin>,
+}
+
+/// Examples whose weight lies in `[from, to)`; the last bin includes `to`. With few distinct
+/// weights (SFT, stratified SFT(Q)) every bin is one value and `from == to`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WeightBin {
+    pub from: f64,
+    pub to: f64,
+    pub examples: usize,
+}
+
+const HISTOGRAM_BINS: usize = 10;
+
+pub(crate) fn weight_histogram(weights: impl Iterator<Item = f64>) -> Vec<WeightBin> {
+    let mut weights: Vec<f64> = weights.collect();
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    weights.sort_by(f64::total_cmp);
+    let mut distinct = weights.clone();
+    distinct.dedup();
+    if distinct.len() <= HISTOGRAM_BINS {
+        return distinct
+            .iter()
+            .map(|&w| WeightBin { from: w, to: w, examples: weights.iter().filter(|&&x| x == w).count() })
+            .collect();
+    }
+    let (lo, hi) = (weights[0], weights[weights.len() - 1]);
+    let width = (hi - lo) / HISTOGRAM_BINS as f64;
+    let mut bins: Vec<WeightBin> = (0..HISTOGRAM_BINS)
+        .map(|i| WeightBin { from: lo + width * i as f64, to: lo + width * (i + 1) as f64, examples: 0 })
+        .collect();
+    bins[HISTOGRAM_BINS - 1].to = hi;
+    for w in weights {
+        let index = (((w - lo) / width) as usize).min(HISTOGRAM_BINS - 1);
+        bins[index].examples += 1;
+    }
+    bins
 }
 
 #[derive(Debug, Clone)]
@@ -168,40 +212,57 @@ impl<'a> Curator<'a> {
                 )));
             }
         }
-        let history = History::load(self.store, &spec.function).await?;
+        let mut metrics: Vec<String> = Vec::new();
+        for name in spec.selection.iter().chain(&spec.steps).flat_map(Selection::metrics) {
+            if !metrics.contains(&name) {
+                metrics.push(name);
+            }
+        }
+        metrics.extend(spec.weighting.metric().map(str::to_owned));
+        let history = History::load(self.store, &spec.function, &metrics).await?;
         let mask = match &spec.selection {
             Some(selection) => selection.evaluate(&history, &self.metrics)?,
-            None => vec![true; history.inferences.len()],
+            None => vec![true; history.heads.len()],
         };
         let step_mask = match &spec.steps {
             Some(steps) => steps.evaluate(&history, &self.metrics)?,
-            None => vec![true; history.inferences.len()],
+            None => vec![true; history.heads.len()],
         };
-        let mut summary = Summary { inferences: history.inferences.len(), ..Default::default() };
+        let mut summary = Summary { inferences: history.heads.len(), ..Default::default() };
+
+        // A step failing `steps` is not trained on; a later step's prompt still holds its output,
+        // so packing keeps it as context.
+        let mut trained = Vec::new();
+        for ((head, keep), step_ok) in history.heads.iter().zip(&mask).zip(&step_mask) {
+            if *keep {
+                summary.selected += 1;
+                if *step_ok {
+                    trained.push(head);
+                } else {
+                    summary.masked_steps += 1;
+                }
+            }
+        }
+        let ids: Vec<Uuid> = trained.iter().map(|h| h.id).collect();
+        let bodies = self.store.inference_bodies(&spec.function, &ids, spec.variant.is_some()).await?;
+        let heads: HashMap<Uuid, &InferenceHead> = trained.iter().map(|h| (h.id, *h)).collect();
 
         let mut examples = Vec::new();
         let mut seen = HashSet::new();
         let mut per_task: HashMap<Option<String>, usize> = HashMap::new();
-        for ((inference, _), step_ok) in
-            history.inferences.iter().zip(&mask).zip(&step_mask).filter(|((_, keep), _)| **keep)
-        {
-            summary.selected += 1;
-            // A later step's prompt still holds this step's output, so packing keeps it as context.
-            if !step_ok {
-                summary.masked_steps += 1;
-                continue;
-            }
-            let demonstration = history.demonstration(inference.id);
-            let output = demonstration.unwrap_or(&inference.output);
+        for body in &bodies {
+            let Some(head) = heads.get(&body.id) else { continue };
+            let demonstration = history.demonstration(body.id);
+            let output = demonstration.unwrap_or(&body.output);
             // An output that failed its schema would teach the model to fail it too.
             if matches!(output, InferenceOutput::Json(json) if json.parsed.is_none()) {
                 summary.dropped_invalid_json += 1;
                 continue;
             }
-            let example = self.example(spec, function, inference, output, demonstration.is_some())?;
+            let example = self.example(spec, function, head, body, output, demonstration.is_some())?;
             // The serialized messages and tools identify an example exactly; the first (oldest) copy stays.
             let key = serde_json::to_string(&(&example.messages, &example.tools)).map_err(|e| {
-                CurateError::Unsupported { inference: inference.id, message: format!("cannot be written as JSON: {e}") }
+                CurateError::Unsupported { inference: body.id, message: format!("cannot be written as JSON: {e}") }
             })?;
             if !seen.insert(key) {
                 summary.dropped_duplicates += 1;
@@ -219,14 +280,12 @@ impl<'a> Curator<'a> {
             examples.push(example);
         }
 
-        let by_id: HashMap<_, &InferenceRecord> = history.inferences.iter().map(|i| (i.id, i)).collect();
         summary.dropped_no_weight = assign(&spec.weighting, &mut examples, |example| {
             let Some(metric) = spec.weighting.metric() else { return Some(1.0) };
             let info = self.metrics.get(metric)?;
-            let inference = by_id.get(&example.inference_id)?;
             let target = match info.level {
-                MetricLevel::Inference => inference.id,
-                MetricLevel::Episode => inference.episode_id,
+                MetricLevel::Inference => example.inference_id,
+                MetricLevel::Episode => example.episode_id,
             };
             history.scalar(metric, target).map(|s| s.number())
         })?;
@@ -251,6 +310,16 @@ impl<'a> Curator<'a> {
         summary.validation_examples = validation.len();
         summary.train_episodes = episodes(&train);
         summary.validation_episodes = episodes(&validation);
+        let per_task = |examples: &[Example]| {
+            let mut counts = BTreeMap::new();
+            for example in examples {
+                *counts.entry(example.task.clone().unwrap_or_default()).or_default() += 1;
+            }
+            counts
+        };
+        summary.train_per_task = per_task(&train);
+        summary.validation_per_task = per_task(&validation);
+        summary.weight_histogram = weight_histogram(train.iter().chain(&validation).map(|e| e.weight));
         Ok(Dataset { spec: spec.clone(), train, validation, summary })
     }
 
@@ -258,7 +327,8 @@ impl<'a> Curator<'a> {
         &self,
         spec: &DatasetSpec,
         function: Option<&FunctionConfig>,
-        inference: &InferenceRecord,
+        head: &InferenceHead,
+        body: &InferenceBody,
         output: &InferenceOutput,
         demonstrated: bool,
     ) -> Result<Example, CurateError> {
@@ -266,24 +336,26 @@ impl<'a> Curator<'a> {
             None => None,
             Some(variant) => {
                 let templates = self.templates.ok_or_else(|| CurateError::NoTemplates { variant: variant.clone() })?;
-                let rendered =
-                    render_input(templates, &spec.function, function, variant, &inference.input).map_err(|source| {
-                        CurateError::Render { inference: inference.id, variant: variant.clone(), source }
-                    })?;
+                let input = body.input.as_ref().ok_or_else(|| CurateError::Unsupported {
+                    inference: body.id,
+                    message: "its structured input was not loaded".into(),
+                })?;
+                let rendered = render_input(templates, &spec.function, function, variant, input)
+                    .map_err(|source| CurateError::Render { inference: body.id, variant: variant.clone(), source })?;
                 Some(rendered)
             }
         };
-        let request = rendered.as_ref().unwrap_or(&inference.rendered);
-        let messages = openai_messages(inference.id, request.system.as_deref(), &request.messages, output)?;
+        let request = rendered.as_ref().unwrap_or(&body.rendered);
+        let messages = openai_messages(body.id, request.system.as_deref(), &request.messages, output)?;
         Ok(Example {
             messages,
             // Re-rendering does not choose tools; the ones offered when the call was made stay.
-            tools: openai_tools(&inference.rendered.tools),
+            tools: openai_tools(&body.rendered.tools),
             weight: 1.0,
-            episode_id: inference.episode_id,
-            inference_id: inference.id,
-            inference_ids: vec![inference.id],
-            task: inference.tags.get("task").cloned(),
+            episode_id: head.episode_id,
+            inference_id: head.id,
+            inference_ids: vec![head.id],
+            task: head.tags.get("task").cloned(),
             demonstrated,
         })
     }

@@ -1,9 +1,16 @@
-//! OpenAI chat fine-tuning JSONL, with or without a `weight` field, and a content hash of the
-//! exact bytes. JSON objects are written with sorted keys (serde_json's default map), so the bytes
-//! depend only on the examples and a rerun over the same history hashes the same.
+//! OpenAI chat fine-tuning JSONL, with or without a `weight` field, a content hash of the exact
+//! bytes, and the dataset folder `apprentice curate` writes. Objects are built field by field in a
+//! fixed order, so the bytes depend only on the examples and a rerun over the same history hashes
+//! the same.
 
-use serde_json::{Map, Value};
+use std::path::Path;
 
+use apprentice_core::DatasetRecord;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::dataset::Dataset;
 use crate::example::Example;
 use crate::CurateError;
 
@@ -45,31 +52,111 @@ pub fn to_jsonl(examples: &[Example], weighted: bool) -> Result<String, CurateEr
     Ok(out)
 }
 
-/// `fnv1a64:` and 16 hex digits. Not cryptographic: it identifies a dataset's content, it does
-/// not defend against someone forging one.
+/// `sha256:` and 64 hex digits of `bytes`.
 pub fn content_hash(bytes: &[u8]) -> String {
-    let mut hash = Fnv1a::new();
-    hash.write(bytes);
-    format!("fnv1a64:{:016x}", hash.finish())
+    let digest = Sha256::digest(bytes);
+    let mut text = String::with_capacity(7 + 64);
+    text.push_str("sha256:");
+    for byte in digest {
+        text.push_str(&format!("{byte:02x}"));
+    }
+    text
 }
 
-pub(crate) struct Fnv1a(u64);
+/// A file of a written dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatasetFile {
+    pub file: String,
+    pub examples: usize,
+    pub bytes: usize,
+    pub hash: String,
+}
 
-impl Fnv1a {
-    pub(crate) fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
+/// The four files a dataset is exported as, in a fixed order.
+pub const DATASET_FILES: [(&str, bool); 4] = [
+    ("train.jsonl", false),
+    ("train.weighted.jsonl", true),
+    ("validation.jsonl", false),
+    ("validation.weighted.jsonl", true),
+];
+
+impl Dataset {
+    /// Exports the four JSONL files, in memory, with their hashes.
+    pub fn export(&self) -> Result<Vec<(DatasetFile, String)>, CurateError> {
+        DATASET_FILES
+            .iter()
+            .map(|(file, weighted)| {
+                let examples = if file.starts_with("train") { &self.train } else { &self.validation };
+                let exported = Exported::new(examples, *weighted)?;
+                let meta = DatasetFile {
+                    file: (*file).to_owned(),
+                    examples: examples.len(),
+                    bytes: exported.jsonl.len(),
+                    hash: exported.hash,
+                };
+                Ok((meta, exported.jsonl))
+            })
+            .collect()
     }
 
-    pub(crate) fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 ^= u64::from(*byte);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    /// Exports and writes the JSONL files and `summary.json` (spec, summary, files) into `dir`.
+    pub fn write_files(&self, dir: &Path) -> Result<Vec<DatasetFile>, CurateError> {
+        self.write_exported(dir, self.export()?)
+    }
+
+    /// Writes what [`Dataset::export`] made, and `summary.json`, into `dir`.
+    pub fn write_exported(
+        &self,
+        dir: &Path,
+        exported: Vec<(DatasetFile, String)>,
+    ) -> Result<Vec<DatasetFile>, CurateError> {
+        let io = |path: &Path, e: std::io::Error| CurateError::Io { path: path.to_path_buf(), message: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let mut files = Vec::new();
+        for (meta, jsonl) in exported {
+            let path = dir.join(&meta.file);
+            std::fs::write(&path, jsonl).map_err(|e| io(&path, e))?;
+            files.push(meta);
         }
+        let summary = json!({
+            "name": self.spec.name,
+            "version": self.spec.version,
+            "content_hash": dataset_hash(&files),
+            "spec": self.spec,
+            "summary": self.summary,
+            "files": files,
+        });
+        let path = dir.join("summary.json");
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| CurateError::InvalidSpec(e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| io(&path, e))?;
+        Ok(files)
     }
+}
 
-    pub(crate) fn finish(&self) -> u64 {
-        self.0
+impl Dataset {
+    /// The store's record of this dataset, once exported as `files`.
+    pub fn record(&self, files: &[DatasetFile]) -> Result<DatasetRecord, CurateError> {
+        Ok(DatasetRecord {
+            name: self.spec.name.clone(),
+            version: self.spec.version,
+            function_name: self.spec.function.clone(),
+            query: serde_json::to_value(&self.spec).map_err(|e| CurateError::InvalidSpec(e.to_string()))?,
+            content_hash: dataset_hash(files),
+            train_examples: self.train.len() as u64,
+            validation_examples: self.validation.len() as u64,
+            files: serde_json::to_value(files).map_err(|e| CurateError::InvalidSpec(e.to_string()))?,
+            created_at: chrono::Utc::now(),
+        })
     }
+}
+
+/// One hash for a whole dataset: over the names and hashes of its files, in their fixed order.
+pub fn dataset_hash(files: &[DatasetFile]) -> String {
+    let mut text = String::new();
+    for file in files {
+        text.push_str(&format!("{} {}\n", file.hash, file.file));
+    }
+    content_hash(text.as_bytes())
 }
 
 #[cfg(test)]
@@ -77,8 +164,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fnv1a_matches_the_reference_vectors() {
-        assert_eq!(content_hash(b""), "fnv1a64:cbf29ce484222325");
-        assert_eq!(content_hash(b"a"), "fnv1a64:af63dc4c8601ec8c");
+    fn content_hash_is_sha256() {
+        assert_eq!(content_hash(b"abc"), "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

@@ -1,10 +1,11 @@
-//! A function's history, loaded from the store once: its inferences in id (creation) order and an
-//! index of the latest feedback on each target, so selection and weighting are lookups, not queries.
+//! A function's history, loaded from the store once: its inferences (heads only) in id (creation)
+//! order and an index of the latest feedback on each target, so selection and weighting are
+//! lookups, not queries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use apprentice_core::{FeedbackValue, InferenceOutput, InferenceRecord};
-use apprentice_store::{InferenceQuery, SqliteStore, Store};
+use apprentice_core::{FeedbackValue, InferenceOutput};
+use apprentice_store::{InferenceHead, SqliteStore};
 use uuid::Uuid;
 
 use crate::CurateError;
@@ -28,7 +29,8 @@ impl Scalar {
 
 #[derive(Debug, Default)]
 pub struct History {
-    pub inferences: Vec<InferenceRecord>,
+    /// Every inference of the function, without content, in id order.
+    pub heads: Vec<InferenceHead>,
     /// metric name → target id → latest value. Keyed by metric first so a lookup borrows the name.
     scalars: HashMap<String, HashMap<Uuid, Scalar>>,
     /// inference id → latest demonstration, whatever its metric name.
@@ -36,15 +38,20 @@ pub struct History {
 }
 
 impl History {
-    pub async fn load(store: &SqliteStore, function_name: &str) -> Result<Self, CurateError> {
-        let query = InferenceQuery { function_name: Some(function_name.to_owned()), ..Default::default() };
-        let inferences = store.inferences(&query).await?;
-        if inferences.is_empty() {
+    /// Loads the inferences of `function_name` and the feedback on `metrics` (and demonstrations)
+    /// that targets them or their episodes. Content is read later, only for what is selected.
+    pub async fn load(store: &SqliteStore, function_name: &str, metrics: &[String]) -> Result<Self, CurateError> {
+        let heads = store.inference_heads(function_name).await?;
+        if heads.is_empty() {
             return Err(CurateError::NoInferences(function_name.to_owned()));
         }
-        let mut history = History { inferences, ..Default::default() };
+        let targets: HashSet<Uuid> = heads.iter().flat_map(|h| [h.id, h.episode_id]).collect();
+        let mut history = History { heads, ..Default::default() };
         // Oldest first, so a later value for the same target and metric overwrites an earlier one.
-        for feedback in store.feedback_for_function(function_name).await? {
+        for feedback in store.curation_feedback(metrics).await? {
+            if !targets.contains(&feedback.target_id) {
+                continue;
+            }
             let scalar = match feedback.value {
                 FeedbackValue::Boolean(b) => Scalar::Bool(b),
                 FeedbackValue::Float(x) => Scalar::Float(x),

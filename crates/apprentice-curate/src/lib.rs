@@ -10,6 +10,7 @@
 //! splits them by episode; [`export`] turns them into JSONL with a content hash, so a rerun can be
 //! checked byte for byte.
 
+pub mod bench;
 mod dataset;
 mod example;
 pub mod export;
@@ -25,9 +26,9 @@ use apprentice_core::config::Optimize;
 use apprentice_core::{Config, MetricLevel};
 use uuid::Uuid;
 
-pub use dataset::{Curator, Dataset, DatasetSpec, Summary};
+pub use dataset::{Curator, Dataset, DatasetSpec, Summary, WeightBin};
 pub use example::Example;
-pub use export::{content_hash, to_jsonl, Exported};
+pub use export::{content_hash, dataset_hash, to_jsonl, DatasetFile, Exported, DATASET_FILES};
 pub use history::History;
 pub use packing::Packing;
 pub use selection::{Comparison, Selection};
@@ -74,6 +75,8 @@ pub enum CurateError {
         #[source]
         source: apprentice_core::render::RenderError,
     },
+    #[error("{}: {message}", path.display())]
+    Io { path: std::path::PathBuf, message: String },
     #[error("inference {inference}: {message}")]
     Unsupported { inference: Uuid, message: String },
     #[error("inference {inference}: quality metric `{metric}` is {value}, but SFT(Q) weights must not be negative")]

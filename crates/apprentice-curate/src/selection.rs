@@ -9,7 +9,8 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashSet};
 
 use apprentice_core::config::Optimize;
-use apprentice_core::{InferenceRecord, MetricLevel};
+use apprentice_core::MetricLevel;
+use apprentice_store::InferenceHead;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -90,9 +91,31 @@ pub enum Selection {
 }
 
 impl Selection {
+    /// The metrics this selection reads, in first-use order.
+    pub fn metrics(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        self.collect_metrics(&mut names);
+        names
+    }
+
+    fn collect_metrics(&self, names: &mut Vec<String>) {
+        match self {
+            Selection::And { of } | Selection::Or { of } => of.iter().for_each(|child| child.collect_metrics(names)),
+            Selection::Not { of } => of.collect_metrics(names),
+            Selection::BooleanMetric { metric, .. }
+            | Selection::FloatMetric { metric, .. }
+            | Selection::TopEpisodes { metric, .. } => {
+                if !names.contains(metric) {
+                    names.push(metric.clone());
+                }
+            }
+            Selection::Tag { .. } | Selection::Variant { .. } | Selection::TimeRange { .. } => {}
+        }
+    }
+
     /// One flag per inference of `history`, in its order.
     pub fn evaluate(&self, history: &History, metrics: &Metrics) -> Result<Vec<bool>, CurateError> {
-        let inferences = &history.inferences;
+        let inferences = &history.heads;
         Ok(match self {
             Selection::And { of } => {
                 let mut mask = vec![true; inferences.len()];
@@ -151,7 +174,7 @@ fn metric_info(metrics: &Metrics, metric: &str) -> Result<MetricInfo, CurateErro
 }
 
 /// An episode-level metric is read from the inference's episode, so it selects the whole episode.
-fn scalar(history: &History, metric: &str, info: MetricInfo, inference: &InferenceRecord) -> Option<Scalar> {
+fn scalar(history: &History, metric: &str, info: MetricInfo, inference: &InferenceHead) -> Option<Scalar> {
     let target = match info.level {
         MetricLevel::Inference => inference.id,
         MetricLevel::Episode => inference.episode_id,
@@ -190,7 +213,7 @@ fn top_episodes(
     // Group episodes (first seen order) by task; an episode without a metric value is not ranked.
     let mut seen = HashSet::new();
     let mut groups: BTreeMap<Option<&str>, Vec<(Uuid, f64)>> = BTreeMap::new();
-    for inference in &history.inferences {
+    for inference in &history.heads {
         if !seen.insert(inference.episode_id) {
             continue;
         }

@@ -4,21 +4,20 @@
 
 use uuid::Uuid;
 
-use crate::export::Fnv1a;
-
 pub(crate) fn in_validation(seed: u64, episode: Uuid, fraction: f64) -> bool {
-    let mut hash = Fnv1a::new();
-    hash.write(&seed.to_le_bytes());
-    hash.write(episode.as_bytes());
-    // FNV's low bits mix poorly; one more avalanche step (from SplitMix64) spreads them.
-    let mut x = hash.finish();
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
+    let (high, low) = episode.as_u64_pair();
+    let x = mix(mix(mix(seed) ^ high) ^ low);
     let unit = (x >> 11) as f64 / (1u64 << 53) as f64;
     unit < fraction
+}
+
+/// SplitMix64's finaliser: every input bit affects every output bit, so UUIDv7's mostly-constant
+/// timestamp bits do not bias the split.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! so durability costs one sync per batch rather than one per request.
 
 mod recorder;
+mod scan;
 mod sqlite;
 
 use apprentice_core::{FeedbackRecord, FeedbackValue, InferenceRecord};
@@ -12,12 +13,16 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 pub use recorder::{Recorder, WriteObserver};
+pub use scan::{CurationFeedback, InferenceBody, InferenceHead};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A bulk read (see `scan`) failed inside SQLite.
+    #[error("database error: {0}")]
+    Raw(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored {what} {id} cannot be decoded: {message}")]
@@ -28,8 +33,19 @@ pub enum StoreError {
     /// original error cannot be cloned.
     #[error("the batch holding this record was not written: {0}")]
     Batch(String),
+    /// A write that contradicts what is already stored.
+    #[error("{what} {id}: {message}")]
+    Conflict { what: &'static str, id: String, message: String },
     #[error("the recorder has shut down; the record was not written")]
     Closed,
+}
+
+/// What [`SqliteStore::record_dataset`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatasetWrite {
+    Created,
+    /// The same name, version, spec and content were already recorded (this record).
+    Unchanged(apprentice_core::DatasetRecord),
 }
 
 /// Anything the store keeps.

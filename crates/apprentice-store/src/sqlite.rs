@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use apprentice_core::config::WriteMode;
-use apprentice_core::{FeedbackRecord, FeedbackValue, InferenceRecord, MetricLevel, Usage};
+use apprentice_core::{DatasetRecord, FeedbackRecord, FeedbackValue, InferenceRecord, MetricLevel, Usage};
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
@@ -21,7 +21,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
-use crate::{InferenceQuery, Record, Store, StoreError};
+use crate::{DatasetWrite, InferenceQuery, Record, Store, StoreError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
@@ -98,6 +98,62 @@ impl SqliteStore {
         );
         let rows = sqlx::query(&sql).bind(function_name).fetch_all(&self.pool).await?;
         rows.iter().map(decode_feedback).collect()
+    }
+
+    /// Keeps a curated dataset's record. A name and version name one content for good: writing the
+    /// same record again is a no-op, writing a different content under them is refused.
+    pub async fn record_dataset(&self, dataset: &DatasetRecord) -> Result<DatasetWrite, StoreError> {
+        let id = format!("{} v{}", dataset.name, dataset.version);
+        let invalid = |message: String| StoreError::Invalid { what: "dataset", id: id.clone(), message };
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let existing = fetch_dataset(&mut tx, &dataset.name, dataset.version).await?;
+        if let Some(existing) = existing {
+            if existing.content_hash == dataset.content_hash && existing.query == dataset.query {
+                return Ok(DatasetWrite::Unchanged(existing));
+            }
+            let what = if existing.query != dataset.query { "spec" } else { "content" };
+            return Err(StoreError::Conflict {
+                what: "dataset",
+                id,
+                message: format!(
+                    "it was already made on {} with a different {what} ({} -> {}); a name and version \
+                     name one content for good, so give this one a new version",
+                    existing.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    existing.content_hash,
+                    dataset.content_hash
+                ),
+            });
+        }
+        let version = i64::from(dataset.version);
+        let count = |n: u64| i64::try_from(n).map_err(|e| invalid(format!("example count: {e}")));
+        sqlx::query(
+            "INSERT INTO datasets (name, version, function_name, query, content_hash, train_examples, \
+             validation_examples, files, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&dataset.name)
+        .bind(version)
+        .bind(&dataset.function_name)
+        .bind(dataset.query.to_string())
+        .bind(&dataset.content_hash)
+        .bind(count(dataset.train_examples)?)
+        .bind(count(dataset.validation_examples)?)
+        .bind(dataset.files.to_string())
+        .bind(time_text(dataset.created_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(DatasetWrite::Created)
+    }
+
+    pub async fn dataset(&self, name: &str, version: u32) -> Result<Option<DatasetRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        fetch_dataset(&mut conn, name, version).await
+    }
+
+    /// Every dataset, by name then version.
+    pub async fn datasets(&self) -> Result<Vec<DatasetRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM datasets ORDER BY name, version").fetch_all(&self.pool).await?;
+        rows.iter().map(decode_dataset).collect()
     }
 
     /// Waits for open connections to finish and closes them, so the WAL is checkpointed.
@@ -285,6 +341,39 @@ fn decode_inference(row: &SqliteRow) -> Result<InferenceRecord, StoreError> {
         tags: r.json("tags")?,
         params: r.json("params")?,
         finish_reason: r.get("finish_reason")?,
+        created_at: r.time("created_at")?,
+    })
+}
+
+async fn fetch_dataset(
+    conn: &mut SqliteConnection,
+    name: &str,
+    version: u32,
+) -> Result<Option<DatasetRecord>, StoreError> {
+    let row = sqlx::query("SELECT * FROM datasets WHERE name = ? AND version = ?")
+        .bind(name)
+        .bind(i64::from(version))
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(decode_dataset).transpose()
+}
+
+fn decode_dataset(row: &SqliteRow) -> Result<DatasetRecord, StoreError> {
+    let name: String = row.try_get("name").unwrap_or_else(|_| "<unreadable name>".to_owned());
+    let r = Fields { row, what: "dataset", id: name };
+    let count = |column: &str| -> Result<u64, StoreError> {
+        let n: i64 = r.get(column)?;
+        u64::try_from(n).map_err(|e| r.corrupt(column, e))
+    };
+    Ok(DatasetRecord {
+        name: r.get("name")?,
+        version: r.count("version")?,
+        function_name: r.get("function_name")?,
+        query: r.json("query")?,
+        content_hash: r.get("content_hash")?,
+        train_examples: count("train_examples")?,
+        validation_examples: count("validation_examples")?,
+        files: r.json("files")?,
         created_at: r.time("created_at")?,
     })
 }

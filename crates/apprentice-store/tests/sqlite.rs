@@ -183,7 +183,8 @@ async fn reopening_runs_migrations_idempotently_and_keeps_data() {
             .fetch_one(store.pool())
             .await
             .unwrap();
-        assert_eq!(applied, 1);
+        let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap().count();
+        assert_eq!(applied as usize, migrations);
         store.close().await;
     }
 }
@@ -314,4 +315,53 @@ async fn feedback_for_function_covers_its_inferences_and_episodes_only() {
 
     assert_eq!(store.feedback_for_function("f").await.unwrap(), vec![on_a, on_b, on_episode]);
     assert!(store.feedback_for_function("missing").await.unwrap().is_empty());
+}
+
+fn dataset_record(hash: &str) -> apprentice_core::DatasetRecord {
+    apprentice_core::DatasetRecord {
+        name: "babyai-success".into(),
+        version: 1,
+        function_name: "babyai::act".into(),
+        query: serde_json::json!({"selection": {"type": "boolean_metric", "metric": "success", "value": true}}),
+        content_hash: hash.into(),
+        train_examples: 10,
+        validation_examples: 2,
+        files: serde_json::json!([{"file": "train.jsonl", "hash": hash}]),
+        created_at: chrono::Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn datasets_are_recorded_once_per_name_and_version() {
+    use apprentice_store::{DatasetWrite, StoreError};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datasets.db");
+    let store = SqliteStore::open(&path, WriteMode::Durable).await.unwrap();
+    let first = dataset_record("sha256:aa");
+    assert_eq!(store.record_dataset(&first).await.unwrap(), DatasetWrite::Created);
+    // Same spec, same content: a reproduction, reported with the original record.
+    let mut again = first.clone();
+    again.created_at = chrono::Utc::now();
+    match store.record_dataset(&again).await.unwrap() {
+        DatasetWrite::Unchanged(existing) => assert_eq!(existing, first),
+        other => panic!("expected unchanged, got {other:?}"),
+    }
+    // Different content under the same name and version is refused and changes nothing.
+    let error = store.record_dataset(&dataset_record("sha256:bb")).await.unwrap_err();
+    assert!(matches!(error, StoreError::Conflict { .. }), "{error}");
+    assert!(error.to_string().contains("new version"), "{error}");
+    let mut other_spec = first.clone();
+    other_spec.query = serde_json::json!({"selection": null});
+    let error = store.record_dataset(&other_spec).await.unwrap_err();
+    assert!(error.to_string().contains("different spec"), "{error}");
+    // A new version is a new dataset; both survive reopening.
+    let mut second = dataset_record("sha256:bb");
+    second.version = 2;
+    assert_eq!(store.record_dataset(&second).await.unwrap(), DatasetWrite::Created);
+    store.close().await;
+    let store = SqliteStore::open(&path, WriteMode::Durable).await.unwrap();
+    let all = store.datasets().await.unwrap();
+    assert_eq!(all, vec![first.clone(), second]);
+    assert_eq!(store.dataset("babyai-success", 1).await.unwrap(), Some(first));
+    assert_eq!(store.dataset("babyai-success", 3).await.unwrap(), None);
 }

@@ -8,8 +8,7 @@ use apprentice_core::config::WriteMode;
 use apprentice_core::Config;
 use apprentice_curate::{Curator, Dataset, DatasetSpec, MetricInfo, Metrics};
 use apprentice_envs::{make_env, EnvOptions};
-use apprentice_store::SqliteStore;
-use serde_json::json;
+use apprentice_store::{DatasetWrite, SqliteStore, Store};
 
 #[derive(clap::Args)]
 pub struct CurateArgs {
@@ -33,11 +32,12 @@ pub struct CurateArgs {
 
 pub async fn run(args: CurateArgs) -> anyhow::Result<()> {
     let spec = DatasetSpec::load(&args.spec)?;
-    let dataset = match (&args.config, &args.env) {
+    match (&args.config, &args.env) {
         (Some(config), None) => {
             let config = Config::load(config)?;
             let store = open(args.store.as_ref().unwrap_or(&config.store.path)).await?;
-            Curator::from_config(&store, &config).curate(&spec).await?
+            let dataset = Curator::from_config(&store, &config).curate(&spec).await?;
+            save(&store, &args.out, &dataset).await
         }
         (None, Some(env)) => {
             let store = open(args.store.as_ref().context("with --env, name the store with --store")?).await?;
@@ -49,38 +49,45 @@ pub async fn run(args: CurateArgs) -> anyhow::Result<()> {
                 .map(|m| (m.name.clone(), MetricInfo { level: m.level, optimize: m.optimize }))
                 .collect();
             let function = env.spec().functions.iter().find(|f| f.name == spec.function).cloned();
-            match (&spec.variant, function) {
+            let dataset = match (&spec.variant, function) {
                 (Some(variant), Some(function)) => {
                     let templates = function.templates(variant)?;
                     let functions = BTreeMap::from([(function.name.clone(), function.config(&env.spec().tools)?)]);
                     Curator::new(&store, metrics).with_templates(&templates, &functions).curate(&spec).await?
                 }
                 _ => Curator::new(&store, metrics).curate(&spec).await?,
-            }
+            };
+            save(&store, &args.out, &dataset).await
         }
         _ => bail!("give exactly one of --config (a gateway config) or --env (a shipped env)"),
-    };
-    write(&args.out, &dataset)
+    }
 }
 
 async fn open(path: &std::path::Path) -> anyhow::Result<SqliteStore> {
     SqliteStore::open(path, WriteMode::Durable).await.with_context(|| format!("cannot open store {}", path.display()))
 }
 
-fn write(out: &std::path::Path, dataset: &Dataset) -> anyhow::Result<()> {
+/// Records the dataset in the store (refused if its name and version already hold other content),
+/// then writes the files, so files on disk always match a record.
+async fn save(store: &SqliteStore, out: &std::path::Path, dataset: &Dataset) -> anyhow::Result<()> {
+    let exported = dataset.export()?;
+    let files: Vec<_> = exported.iter().map(|(file, _)| file.clone()).collect();
+    let record = dataset.record(&files)?;
+    let status = match store.record_dataset(&record).await? {
+        DatasetWrite::Created => "recorded in the store".to_owned(),
+        DatasetWrite::Unchanged(existing) => format!(
+            "identical to the recorded one of {} (same spec, same content)",
+            existing.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+    };
     let dir = out.join(format!("{}-v{}", dataset.spec.name, dataset.spec.version));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut files = serde_json::Map::new();
-    for (name, examples) in [("train", &dataset.train), ("validation", &dataset.validation)] {
-        for weighted in [false, true] {
-            let exported = apprentice_curate::Exported::new(examples, weighted)?;
-            let file = if weighted { format!("{name}.weighted.jsonl") } else { format!("{name}.jsonl") };
-            std::fs::write(dir.join(&file), &exported.jsonl).with_context(|| format!("cannot write {file}"))?;
-            files.insert(file, json!({"examples": examples.len(), "hash": exported.hash}));
-        }
-    }
-    let summary = json!({"spec": dataset.spec, "summary": dataset.summary, "files": files});
-    std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    dataset.write_exported(&dir, exported)?;
+    print_summary(dataset, &record.content_hash, &status);
+    println!("written to {}", dir.display());
+    Ok(())
+}
+
+fn print_summary(dataset: &Dataset, content_hash: &str, status: &str) {
     let s = &dataset.summary;
     println!("dataset {} v{} from function `{}`", dataset.spec.name, dataset.spec.version, dataset.spec.function);
     println!("{:<28} {:>10}", "inferences read", s.inferences);
@@ -102,6 +109,58 @@ fn write(out: &std::path::Path, dataset: &Dataset) -> anyhow::Result<()> {
     );
     println!("{:<28} {:>10} ({} episodes)", "train examples", s.train_examples, s.train_episodes);
     println!("{:<28} {:>10} ({} episodes)", "validation examples", s.validation_examples, s.validation_episodes);
-    println!("written to {}", dir.display());
+    let bins: Vec<String> = s
+        .weight_histogram
+        .iter()
+        .map(|b| {
+            if b.from == b.to {
+                format!("{:.3}: {}", b.from, b.examples)
+            } else {
+                format!("[{:.3}, {:.3}): {}", b.from, b.to, b.examples)
+            }
+        })
+        .collect();
+    println!("{:<28} {}", "example weights", bins.join(", "));
+    println!("{:<28} {}", "content hash", content_hash);
+    println!("{:<28} {}", "store", status);
+}
+
+#[derive(clap::Args)]
+pub struct BenchCurateArgs {
+    #[arg(long, default_value_t = 50_000)]
+    episodes: usize,
+    #[arg(long, default_value_t = 20)]
+    steps_per_episode: usize,
+    /// Keep the filled store here and reuse it on the next run (filled only when it is empty).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub async fn bench(args: BenchCurateArgs) -> anyhow::Result<()> {
+    use apprentice_curate::bench::{fill_store, run_curate_bench, CurateBenchOptions};
+    let scratch = tempfile::tempdir().context("cannot create a scratch folder for the bench")?;
+    let store_path = args.store.clone().unwrap_or_else(|| scratch.path().join("bench.db"));
+    let store = SqliteStore::open(&store_path, WriteMode::Async).await?;
+    let filled = store.count_inferences().await? > 0;
+    let options = CurateBenchOptions { episodes: args.episodes, steps_per_episode: args.steps_per_episode, ..Default::default() };
+    let progress = indicatif::ProgressBar::new(options.episodes as u64).with_style(
+        indicatif::ProgressStyle::with_template("filling the store {bar:40} {pos}/{len} episodes ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    if !filled {
+        fill_store(&store, &options, |episodes| progress.set_position(episodes as u64)).await?;
+    }
+    progress.finish_and_clear();
+    let fill = started.elapsed();
+    let report = run_curate_bench(&store, &store_path, &options, fill, &scratch.path().join("out")).await?;
+    println!("{}", report.table());
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }
