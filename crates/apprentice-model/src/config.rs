@@ -103,7 +103,7 @@ impl ModelConfig {
                 return Err(invalid(field, "must be positive".into()));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -113,7 +113,7 @@ impl ModelConfig {
             ));
         }
         // Rotary embeddings rotate pairs of dimensions.
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(invalid("head_dim", format!("{} is odd", self.head_dim)));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {

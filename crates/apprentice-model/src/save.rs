@@ -134,7 +134,7 @@ fn storage_type(tensor: &Tensor, dtype: GgufDType) -> GgmlDType {
     }
     let ggml = dtype.ggml();
     let row = dims[dims.len() - 1];
-    if row % ggml.block_size() != 0 {
+    if !row.is_multiple_of(ggml.block_size()) {
         GgmlDType::F16
     } else {
         ggml
