@@ -9,6 +9,7 @@ use apprentice_core::render::render_input;
 use apprentice_core::templates::Templates;
 use apprentice_core::{Config, InferenceOutput, MetricLevel};
 use apprentice_store::{InferenceBody, InferenceHead, SqliteStore};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -161,6 +162,12 @@ impl Dataset {
     }
 }
 
+/// One inference's contribution, before duplicates and task caps are applied.
+enum Built {
+    InvalidJson,
+    Example(Box<Example>, String),
+}
+
 /// Curates from one store. Built from a [`Config`] (metric levels, templates, functions), or from
 /// explicit metric levels when there is no configuration at hand (then only replay is possible
 /// unless templates are added with [`Curator::with_templates`]).
@@ -247,23 +254,41 @@ impl<'a> Curator<'a> {
         let bodies = self.store.inference_bodies(&spec.function, &ids, spec.variant.is_some()).await?;
         let heads: HashMap<Uuid, &InferenceHead> = trained.iter().map(|h| (h.id, *h)).collect();
 
+        // Building an example (render, convert, serialize its identity) is independent per
+        // inference, so it runs on every core; dropping duplicates and capping tasks depend on
+        // order and run after, oldest first.
+        let built: Vec<Result<Built, CurateError>> = bodies
+            .par_iter()
+            .filter_map(|body| heads.get(&body.id).map(|head| (head, body)))
+            .map(|(head, body)| {
+                let demonstration = history.demonstration(body.id);
+                let output = demonstration.unwrap_or(&body.output);
+                // An output that failed its schema would teach the model to fail it too.
+                if matches!(output, InferenceOutput::Json(json) if json.parsed.is_none()) {
+                    return Ok(Built::InvalidJson);
+                }
+                let example = self.example(spec, function, head, body, output, demonstration.is_some())?;
+                // The serialized messages and tools identify an example exactly.
+                let key = serde_json::to_string(&(&example.messages, &example.tools)).map_err(|e| {
+                    CurateError::Unsupported { inference: body.id, message: format!("cannot be written as JSON: {e}") }
+                })?;
+                Ok(Built::Example(Box::new(example), key))
+            })
+            .collect();
+        drop(bodies);
+
         let mut examples = Vec::new();
         let mut seen = HashSet::new();
         let mut per_task: HashMap<Option<String>, usize> = HashMap::new();
-        for body in &bodies {
-            let Some(head) = heads.get(&body.id) else { continue };
-            let demonstration = history.demonstration(body.id);
-            let output = demonstration.unwrap_or(&body.output);
-            // An output that failed its schema would teach the model to fail it too.
-            if matches!(output, InferenceOutput::Json(json) if json.parsed.is_none()) {
-                summary.dropped_invalid_json += 1;
-                continue;
-            }
-            let example = self.example(spec, function, head, body, output, demonstration.is_some())?;
-            // The serialized messages and tools identify an example exactly; the first (oldest) copy stays.
-            let key = serde_json::to_string(&(&example.messages, &example.tools)).map_err(|e| {
-                CurateError::Unsupported { inference: body.id, message: format!("cannot be written as JSON: {e}") }
-            })?;
+        for built in built {
+            let (example, key) = match built? {
+                Built::InvalidJson => {
+                    summary.dropped_invalid_json += 1;
+                    continue;
+                }
+                Built::Example(example, key) => (*example, key),
+            };
+            // The first (oldest) copy stays.
             if !seen.insert(key) {
                 summary.dropped_duplicates += 1;
                 continue;
@@ -279,6 +304,7 @@ impl<'a> Curator<'a> {
             summary.demonstrations += usize::from(example.demonstrated);
             examples.push(example);
         }
+        drop(seen);
 
         summary.dropped_no_weight = assign(&spec.weighting, &mut examples, |example| {
             let Some(metric) = spec.weighting.metric() else { return Some(1.0) };

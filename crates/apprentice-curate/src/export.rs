@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use apprentice_core::DatasetRecord;
+use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -32,24 +33,42 @@ impl Exported {
 /// One line per example: `{"messages": [...], "tools": [...]}` (tools only when offered), plus
 /// `"weight"` when `weighted`.
 pub fn to_jsonl(examples: &[Example], weighted: bool) -> Result<String, CurateError> {
-    let mut out = String::new();
-    for example in examples {
-        let mut line = Map::new();
-        line.insert("messages".into(), Value::Array(example.messages.clone()));
-        if !example.tools.is_empty() {
-            line.insert("tools".into(), Value::Array(example.tools.clone()));
-        }
+    let bodies = line_bodies(examples)?;
+    Ok(join_lines(examples, &bodies, weighted))
+}
+
+/// Each example's line without its closing brace, serialized once for both the plain and the
+/// weighted file, on every core.
+fn line_bodies(examples: &[Example]) -> Result<Vec<String>, CurateError> {
+    examples
+        .par_iter()
+        .map(|example| {
+            let mut line = Map::new();
+            line.insert("messages".into(), Value::Array(example.messages.clone()));
+            if !example.tools.is_empty() {
+                line.insert("tools".into(), Value::Array(example.tools.clone()));
+            }
+            let mut text = serde_json::to_string(&Value::Object(line)).map_err(|e| CurateError::Unsupported {
+                inference: example.inference_id,
+                message: format!("cannot be written as JSON: {e}"),
+            })?;
+            text.pop();
+            Ok(text)
+        })
+        .collect()
+}
+
+fn join_lines(examples: &[Example], bodies: &[String], weighted: bool) -> String {
+    let mut out = String::with_capacity(bodies.iter().map(|b| b.len() + 24).sum());
+    for (example, body) in examples.iter().zip(bodies) {
+        out.push_str(body);
         if weighted {
-            line.insert("weight".into(), Value::from(example.weight));
+            out.push_str(",\"weight\":");
+            out.push_str(&Value::from(example.weight).to_string());
         }
-        let text = serde_json::to_string(&Value::Object(line)).map_err(|e| CurateError::Unsupported {
-            inference: example.inference_id,
-            message: format!("cannot be written as JSON: {e}"),
-        })?;
-        out.push_str(&text);
-        out.push('\n');
+        out.push_str("}\n");
     }
-    Ok(out)
+    out
 }
 
 /// `sha256:` and 64 hex digits of `bytes`.
@@ -83,18 +102,21 @@ pub const DATASET_FILES: [(&str, bool); 4] = [
 impl Dataset {
     /// Exports the four JSONL files, in memory, with their hashes.
     pub fn export(&self) -> Result<Vec<(DatasetFile, String)>, CurateError> {
+        let train = line_bodies(&self.train)?;
+        let validation = line_bodies(&self.validation)?;
         DATASET_FILES
-            .iter()
+            .par_iter()
             .map(|(file, weighted)| {
-                let examples = if file.starts_with("train") { &self.train } else { &self.validation };
-                let exported = Exported::new(examples, *weighted)?;
+                let (examples, bodies) =
+                    if file.starts_with("train") { (&self.train, &train) } else { (&self.validation, &validation) };
+                let jsonl = join_lines(examples, bodies, *weighted);
                 let meta = DatasetFile {
                     file: (*file).to_owned(),
                     examples: examples.len(),
-                    bytes: exported.jsonl.len(),
-                    hash: exported.hash,
+                    bytes: jsonl.len(),
+                    hash: content_hash(jsonl.as_bytes()),
                 };
-                Ok((meta, exported.jsonl))
+                Ok((meta, jsonl))
             })
             .collect()
     }

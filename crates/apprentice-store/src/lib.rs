@@ -45,7 +45,7 @@ pub enum StoreError {
 pub enum DatasetWrite {
     Created,
     /// The same name, version, spec and content were already recorded (this record).
-    Unchanged(apprentice_core::DatasetRecord),
+    Unchanged(Box<apprentice_core::DatasetRecord>),
 }
 
 /// Anything the store keeps.

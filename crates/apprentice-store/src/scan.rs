@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use apprentice_core::{FeedbackValue, InferenceOutput, Input, RenderedRequest};
 use chrono::{DateTime, Utc};
+use rayon::prelude::*;
 use uuid::Uuid;
 
 use crate::sqlite::SqliteStore;
@@ -86,38 +87,44 @@ impl SqliteStore {
         } else {
             "SELECT id, rendered, output FROM inferences WHERE function_name = ?1 ORDER BY id"
         };
-        self.with_raw_connection(|conn| {
-            let mut statement = conn.prepare(sql)?;
-            let mut rows = statement.query([function_name])?;
-            let mut bodies = Vec::with_capacity(wanted.len());
-            let mut wanted = wanted.iter().copied().peekable();
-            // Rows and `wanted` are both in id order: one merge pass, no lookups.
-            while let Some(row) = rows.next()? {
-                let Some(&target) = wanted.peek() else { break };
-                let id = uuid_column(row, 0, "inference", "id")?;
-                if id < target {
-                    continue;
-                }
-                while wanted.peek().is_some_and(|&t| t < id) {
+        let raw: Vec<(Uuid, String, String, Option<String>)> = self
+            .with_raw_connection(|conn| {
+                let mut statement = conn.prepare(sql)?;
+                let mut rows = statement.query([function_name])?;
+                let mut raw = Vec::with_capacity(wanted.len());
+                let mut wanted = wanted.iter().copied().peekable();
+                // Rows and `wanted` are both in id order: one merge pass, no lookups.
+                while let Some(row) = rows.next()? {
+                    let Some(&target) = wanted.peek() else { break };
+                    let id = uuid_column(row, 0, "inference", "id")?;
+                    if id < target {
+                        continue;
+                    }
+                    while wanted.peek().is_some_and(|&t| t < id) {
+                        wanted.next();
+                    }
+                    if wanted.peek() != Some(&id) {
+                        continue;
+                    }
                     wanted.next();
+                    let column = |index, name| text_column(row, index, "inference", id, name).map(str::to_owned);
+                    let input = if with_input { Some(column(3, "input")?) } else { None };
+                    raw.push((id, column(1, "rendered")?, column(2, "output")?, input));
                 }
-                if wanted.peek() != Some(&id) {
-                    continue;
-                }
-                wanted.next();
-                let column = |index, name| text_column(row, index, "inference", id, name);
-                let input =
-                    if with_input { Some(parse_json(column(3, "input")?, "inference", id, "input")?) } else { None };
-                bodies.push(InferenceBody {
+                Ok(raw)
+            })
+            .await?;
+        // SQLite steps rows on one thread; decoding the JSON, most of the cost, uses every core.
+        raw.into_par_iter()
+            .map(|(id, rendered, output, input)| {
+                Ok(InferenceBody {
                     id,
-                    input,
-                    rendered: parse_json(column(1, "rendered")?, "inference", id, "rendered")?,
-                    output: parse_json(column(2, "output")?, "inference", id, "output")?,
-                });
-            }
-            Ok(bodies)
-        })
-        .await
+                    input: input.map(|text| parse_json(&text, "inference", id, "input")).transpose()?,
+                    rendered: parse_json(&rendered, "inference", id, "rendered")?,
+                    output: parse_json(&output, "inference", id, "output")?,
+                })
+            })
+            .collect()
     }
 
     /// Boolean and float feedback on the named metrics, and every demonstration, oldest first,

@@ -109,7 +109,7 @@ impl SqliteStore {
         let existing = fetch_dataset(&mut tx, &dataset.name, dataset.version).await?;
         if let Some(existing) = existing {
             if existing.content_hash == dataset.content_hash && existing.query == dataset.query {
-                return Ok(DatasetWrite::Unchanged(existing));
+                return Ok(DatasetWrite::Unchanged(Box::new(existing)));
             }
             let what = if existing.query != dataset.query { "spec" } else { "content" };
             return Err(StoreError::Conflict {

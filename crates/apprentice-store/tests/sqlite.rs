@@ -343,7 +343,7 @@ async fn datasets_are_recorded_once_per_name_and_version() {
     let mut again = first.clone();
     again.created_at = chrono::Utc::now();
     match store.record_dataset(&again).await.unwrap() {
-        DatasetWrite::Unchanged(existing) => assert_eq!(existing, first),
+        DatasetWrite::Unchanged(existing) => assert_eq!(*existing, first),
         other => panic!("expected unchanged, got {other:?}"),
     }
     // Different content under the same name and version is refused and changes nothing.

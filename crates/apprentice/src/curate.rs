@@ -145,7 +145,8 @@ pub async fn bench(args: BenchCurateArgs) -> anyhow::Result<()> {
     let store_path = args.store.clone().unwrap_or_else(|| scratch.path().join("bench.db"));
     let store = SqliteStore::open(&store_path, WriteMode::Async).await?;
     let filled = store.count_inferences().await? > 0;
-    let options = CurateBenchOptions { episodes: args.episodes, steps_per_episode: args.steps_per_episode, ..Default::default() };
+    let options =
+        CurateBenchOptions { episodes: args.episodes, steps_per_episode: args.steps_per_episode, ..Default::default() };
     let progress = indicatif::ProgressBar::new(options.episodes as u64).with_style(
         indicatif::ProgressStyle::with_template("filling the store {bar:40} {pos}/{len} episodes ({elapsed})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
