@@ -174,6 +174,8 @@ pub fn generate_stream(
         return Ok(rows.into_iter().map(|r| r.finish_as(FinishReason::Length)).collect());
     }
 
+    // Generation needs no gradients; without the graph every step's intermediates are freed.
+    let model = &model.detached();
     // Left padding puts every prompt's last token in the last column, where generation continues.
     let device = model.embed_tokens.embeddings().device().clone();
     let batch = prompts.len();

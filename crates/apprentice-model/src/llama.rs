@@ -265,6 +265,9 @@ struct LayerCache {
 
 impl LayerCache {
     fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        // Cached keys and values are values only: kept attached, each step's K/V would hold that
+        // step's whole autograd graph alive, and memory would grow by megabytes per token.
+        let (k, v) = (k.detach(), v.detach());
         let (k, v) = match self.kv.take() {
             None => (k, v),
             Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
@@ -275,7 +278,7 @@ impl LayerCache {
 }
 
 /// The KV cache of one batch of sequences, kept outside the model so that training calls the
-/// model without one. Besides keys and values it remembers, per row, which cached slots hold
+/// model without one. It holds detached values: no gradient flows into cached positions. Besides keys and values it remembers, per row, which cached slots hold
 /// real tokens (padding never becomes a key anyone attends to) and the position of the row's
 /// next real token.
 #[derive(Debug, Clone)]
@@ -351,6 +354,42 @@ impl Llama {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The same model on the same weight storage, outside the autograd graph: forward passes
+    /// record no backward ops and free their intermediates at once. For inference; it follows
+    /// in-place updates of the variables (an optimizer step), so it can evaluate during training.
+    pub fn detached(&self) -> Self {
+        let linear = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach));
+        let norm = |n: &RmsNorm| RmsNorm { weight: n.weight.detach(), eps: n.eps };
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| DecoderLayer {
+                input_layernorm: norm(&layer.input_layernorm),
+                self_attn: Attention {
+                    q_proj: linear(&layer.self_attn.q_proj),
+                    k_proj: linear(&layer.self_attn.k_proj),
+                    v_proj: linear(&layer.self_attn.v_proj),
+                    o_proj: linear(&layer.self_attn.o_proj),
+                    ..layer.self_attn.clone()
+                },
+                post_attention_layernorm: norm(&layer.post_attention_layernorm),
+                mlp: Mlp {
+                    gate_proj: linear(&layer.mlp.gate_proj),
+                    up_proj: linear(&layer.mlp.up_proj),
+                    down_proj: linear(&layer.mlp.down_proj),
+                },
+            })
+            .collect();
+        Self {
+            embed_tokens: Embedding::new(self.embed_tokens.embeddings().detach(), self.config.hidden_size),
+            layers,
+            norm: norm(&self.norm),
+            lm_head: self.lm_head.as_ref().map(linear),
+            rotary: self.rotary.clone(),
+            config: self.config.clone(),
+        }
     }
 
     /// Names and shapes of every parameter, in HF naming, in a stable order; the tied output

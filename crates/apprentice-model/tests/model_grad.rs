@@ -83,3 +83,24 @@ fn gradient_matches_finite_difference() {
     let tolerance = 2e-2 * analytic.abs().max(1e-2);
     assert!((numeric - analytic).abs() < tolerance, "analytic {analytic}, numeric {numeric}");
 }
+
+/// The detached model computes the same logits without recording a graph, and sees in-place
+/// updates of the variables (as an optimizer makes them).
+#[test]
+fn detached_model_shares_weights_and_records_no_graph() {
+    let config = tiny_qwen2();
+    let loaded = random_model(&config, 4);
+    let detached = loaded.model.detached();
+    let input = ids(&[&[1, 5, 9, 14, 3]]);
+    let attached = loaded.model.forward(&input).unwrap();
+    let free = detached.forward(&input).unwrap();
+    assert!(attached.track_op() && !free.track_op());
+    assert_eq!(model_support::max_abs_diff(&attached, &free), 0.0);
+
+    let vars = loaded.varmap.data().lock().unwrap().clone();
+    let norm = &vars["model.norm.weight"];
+    norm.set(&(norm.as_tensor() * 2.0).unwrap()).unwrap();
+    let updated = loaded.model.forward(&input).unwrap();
+    assert_eq!(model_support::max_abs_diff(&updated, &detached.forward(&input).unwrap()), 0.0);
+    assert!(model_support::max_abs_diff(&updated, &free) > 1e-3);
+}
