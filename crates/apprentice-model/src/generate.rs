@@ -127,7 +127,9 @@ pub struct Generation {
 pub enum StreamEvent<'a> {
     /// A generated token (never a stop token) and the text it adds, empty while text is held
     /// back: an incomplete UTF-8 character, or what might be the start of a stop string. The
-    /// concatenated deltas of a row's events, `Finished` included, equal its final `text`.
+    /// concatenated deltas of a row's events, `Finished` included, equal its final `text` as long
+    /// as decoding a longer sequence only appends to the text of a shorter one, as byte-level BPE
+    /// decoders do (the whole sequence is decoded after each token).
     Token { row: usize, token: u32, text_delta: &'a str },
     /// The row is done; `text_delta` is the text held back until now.
     Finished { row: usize, reason: FinishReason, text_delta: &'a str },
@@ -165,8 +167,11 @@ pub fn generate_stream(
             });
         }
     }
-    let mut rows: Vec<RowState> =
-        prompts.iter().enumerate().map(|(i, p)| RowState::new(p.len(), options.seed.wrapping_add(i as u64))).collect();
+    let mut rows: Vec<RowState> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| RowState::new(p.len(), options.seed.wrapping_add(i as u64), decoder.is_some()))
+        .collect();
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -230,7 +235,7 @@ struct RowState {
 }
 
 impl RowState {
-    fn new(prompt_tokens: usize, seed: u64) -> Self {
+    fn new(prompt_tokens: usize, seed: u64, has_text: bool) -> Self {
         Self {
             prompt_tokens,
             tokens: Vec::new(),
@@ -239,7 +244,7 @@ impl RowState {
             text: String::new(),
             emitted: 0,
             finished: None,
-            has_text: false,
+            has_text,
         }
     }
 
@@ -277,7 +282,6 @@ impl RowState {
         let mut reason = None;
         let mut releasable = 0;
         if let Some(decoder) = decoder {
-            self.has_text = true;
             self.text = decoder.decode(&self.tokens);
             if let Some(cut) = find_stop(&self.text, &options.stop_strings, self.emitted) {
                 self.text.truncate(cut);

@@ -1,8 +1,8 @@
 //! A llama-family decoder (Llama/SmolLM2, Qwen2) that autograd reaches end to end.
 //!
-//! Every op here has a backward pass: `ops::softmax` rather than `softmax_last_dim`, a
-//! hand-written RMSNorm and rotary embedding rather than the fused kernels, which return tensors
-//! detached from the graph. The forward pass returns logits for all positions, and the KV cache
+//! Every op here has a backward pass: `ops::softmax` rather than `softmax_last_dim`,
+//! `ops::rms_norm_slow` and a hand-written rotary embedding rather than the fused kernels, which
+//! return tensors detached from the graph. The forward pass returns logits for all positions, and the KV cache
 //! lives outside the model, so the same module serves training and generation.
 //!
 //! Rotary layout: one layout everywhere, the HF "half-split" one (dimension `i` pairs with
@@ -278,9 +278,9 @@ impl LayerCache {
 }
 
 /// The KV cache of one batch of sequences, kept outside the model so that training calls the
-/// model without one. It holds detached values: no gradient flows into cached positions. Besides keys and values it remembers, per row, which cached slots hold
+/// model without one. Besides keys and values it remembers, per row, which cached slots hold
 /// real tokens (padding never becomes a key anyone attends to) and the position of the row's
-/// next real token.
+/// next real token. It holds detached values: no gradient flows into cached positions.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
@@ -495,7 +495,7 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
         last_only: bool,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2().map_err(|_| {
@@ -507,8 +507,16 @@ impl Llama {
         if input_ids.dtype().is_float() {
             return Err(LlamaError::Input(format!("input_ids must be integer ids, got {:?}", input_ids.dtype())));
         }
-        let new_valid: Option<Vec<Vec<bool>>> = match attention_mask {
-            None => None,
+        let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(LlamaError::Input(format!(
+                "token id {bad} outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        // Which of the new slots hold real tokens, row by row.
+        let new_valid: Vec<Vec<bool>> = match attention_mask {
+            None => vec![vec![true; t]; b],
             Some(mask) => {
                 if mask.dims() != [b, t] {
                     return Err(LlamaError::Input(format!(
@@ -518,58 +526,47 @@ impl Llama {
                     )));
                 }
                 let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                Some(rows.into_iter().map(|r| r.into_iter().map(|m| m != 0.0).collect()).collect())
+                rows.into_iter().map(|r| r.into_iter().map(|m| m != 0.0).collect()).collect()
             }
         };
-        let dtype = self.embed_tokens.embeddings().dtype();
-        let device = input_ids.device();
-
-        let mut cache = cache;
-        let (past_valid, past_positions): (Vec<Vec<bool>>, Vec<usize>) = match cache.as_deref() {
-            Some(c) => {
-                if c.batch_size() != b {
-                    return Err(LlamaError::Input(format!("cache holds {} rows, input_ids has {b}", c.batch_size())));
-                }
-                (c.valid.clone(), c.next_position.clone())
+        let (mut valid, past_positions) = match cache.as_deref() {
+            Some(c) if c.batch_size() != b => {
+                return Err(LlamaError::Input(format!("cache holds {} rows, input_ids has {b}", c.batch_size())));
             }
+            Some(c) => (c.valid.clone(), c.next_position.clone()),
             None => (vec![Vec::new(); b], vec![0; b]),
         };
-        let past = past_valid.first().map_or(0, Vec::len);
+        let past = valid.first().map_or(0, Vec::len);
+        for (row, v) in valid.iter_mut().enumerate() {
+            v.extend_from_slice(&new_valid[row]);
+        }
 
         // Positions count real tokens only; a padding slot takes its row's current count, which
         // does not matter since nothing attends to it.
         let mut positions = Vec::with_capacity(b);
         let mut next_positions = Vec::with_capacity(b);
-        for row in 0..b {
+        for (row, row_valid) in new_valid.iter().enumerate() {
             let mut p = past_positions[row];
             let mut row_positions = Vec::with_capacity(t);
-            for step in 0..t {
+            for &real in row_valid {
                 row_positions.push(p);
-                let real = new_valid.as_ref().is_none_or(|v| v[row][step]);
-                if real {
-                    p += 1;
-                }
+                p += usize::from(real);
             }
             positions.push(row_positions);
             next_positions.push(p);
         }
-        let any_padding = new_valid.as_ref().is_some_and(|v| v.iter().flatten().any(|m| !m))
-            || past_valid.iter().flatten().any(|m| !m);
+        let dtype = self.embed_tokens.embeddings().dtype();
+        let device = input_ids.device();
         let same_positions = positions.iter().all(|p| p == &positions[0]);
-        let (cos, sin) = if same_positions {
-            self.rotary.angles(&positions[..1], dtype, device)?
-        } else {
-            self.rotary.angles(&positions, dtype, device)?
-        };
+        let (cos, sin) =
+            self.rotary.angles(if same_positions { &positions[..1] } else { &positions }, dtype, device)?;
 
+        // Without padding one causal mask serves every row, and a single new token needs none.
+        let any_padding = valid.iter().flatten().any(|real| !real);
         let mask = if any_padding {
-            let mut valid = past_valid.clone();
-            for (row, v) in valid.iter_mut().enumerate() {
-                v.extend((0..t).map(|step| new_valid.as_ref().is_none_or(|nv| nv[row][step])));
-            }
             Some(attention_bias(&valid, past, t, dtype, device)?)
         } else if t > 1 {
-            Some(attention_bias(&[vec![true; past + t]], past, t, dtype, device)?)
+            Some(attention_bias(&valid[..1], past, t, dtype, device)?)
         } else {
             None
         };
@@ -587,9 +584,7 @@ impl Llama {
         };
 
         if let Some(c) = cache {
-            for (row, v) in c.valid.iter_mut().enumerate() {
-                v.extend((0..t).map(|step| new_valid.as_ref().is_none_or(|nv| nv[row][step])));
-            }
+            c.valid = valid;
             c.next_position = next_positions;
         }
         Ok(logits)

@@ -97,8 +97,9 @@ fn max_new_tokens_ends_with_length() {
     assert_eq!(out[0].completion_tokens, 9);
     assert_eq!(out[0].finish_reason, FinishReason::Length);
     assert_eq!(out[0].text.as_deref(), Some(decode(&out[0].tokens).as_str()));
-    let none = generate(&model, &[vec![1, 2, 3]], &sampling(1, 0), None).unwrap();
+    let none = generate(&model, &[vec![1, 2, 3]], &sampling(1, 0), Some(&decode)).unwrap();
     assert_eq!((none[0].tokens.len(), none[0].finish_reason), (0, FinishReason::Length));
+    assert_eq!(none[0].text.as_deref(), Some(""));
 }
 
 #[test]

@@ -133,4 +133,8 @@ fn mismatched_inputs_are_errors() {
     let mask = Tensor::new(&[[1u8, 1]], &Device::Cpu).unwrap();
     let err = model.forward_masked(&ids(&[&[1, 2, 3]]), &mask).unwrap_err();
     assert!(err.to_string().contains("attention_mask shape"), "{err}");
+    let err = model.forward(&ids(&[&[1, 96]])).unwrap_err();
+    assert!(err.to_string().contains("token id 96"), "{err}");
+    let err = model.forward(&Tensor::new(&[[0.5f32]], &Device::Cpu).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("integer ids"), "{err}");
 }
