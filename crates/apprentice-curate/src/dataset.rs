@@ -104,6 +104,19 @@ pub struct Summary {
     pub validation_per_task: BTreeMap<String, usize>,
     /// Example weights of the train and validation examples together.
     pub weight_histogram: Vec<WeightBin>,
+    /// Per exported file, tokens as the student model will see them, when a student was named
+    /// (curation itself knows no tokenizer).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tokens: BTreeMap<String, TokenCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenCount {
+    /// The model whose tokenizer and chat template rendered the examples.
+    pub model: String,
+    pub tokens: usize,
+    /// Tokens with a loss weight above 0.
+    pub trained_tokens: usize,
 }
 
 /// Examples whose weight lies in `[from, to)`; the last bin includes `to`. With few distinct

@@ -26,7 +26,7 @@ use apprentice_core::config::Optimize;
 use apprentice_core::{Config, MetricLevel};
 use uuid::Uuid;
 
-pub use dataset::{Curator, Dataset, DatasetSpec, Summary, WeightBin};
+pub use dataset::{Curator, Dataset, DatasetSpec, Summary, TokenCount, WeightBin};
 pub use example::Example;
 pub use export::{content_hash, dataset_hash, to_jsonl, DatasetFile, Exported, DATASET_FILES};
 pub use history::History;

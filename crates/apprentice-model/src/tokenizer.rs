@@ -339,6 +339,15 @@ impl Tokenizer {
         Self { inner, plain, specials, bos, eos, pad, unk: None, special_ids, chat_template }
     }
 
+    /// The tokenizer of a model: an HF folder's, or a GGUF file's.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::from_hf_folder(path)
+        } else {
+            Self::from_gguf(path)
+        }
+    }
+
     /// Loads a tokenizer.json; no bos/eos/template (see [`Tokenizer::from_hf_folder`]).
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use apprentice_core::config::WriteMode;
 use apprentice_core::Config;
-use apprentice_curate::{Curator, Dataset, DatasetSpec, MetricInfo, Metrics};
+use apprentice_curate::{Curator, Dataset, DatasetSpec, MetricInfo, Metrics, TokenCount};
 use apprentice_envs::{make_env, EnvOptions};
 use apprentice_store::{DatasetWrite, SqliteStore, Store};
 
@@ -25,6 +25,10 @@ pub struct CurateArgs {
     /// The store to read; defaults to the config's.
     #[arg(long)]
     store: Option<PathBuf>,
+    /// Count tokens as this student model (a cached name, a GGUF or an HF folder) will see them:
+    /// its tokenizer and chat template, with the loss mask.
+    #[arg(long)]
+    student: Option<String>,
     /// Files go to OUT/NAME-vVERSION/.
     #[arg(long, default_value = "datasets")]
     out: PathBuf,
@@ -37,7 +41,7 @@ pub async fn run(args: CurateArgs) -> anyhow::Result<()> {
             let config = Config::load(config)?;
             let store = open(args.store.as_ref().unwrap_or(&config.store.path)).await?;
             let dataset = Curator::from_config(&store, &config).curate(&spec).await?;
-            save(&store, &args.out, &dataset).await
+            save(&store, &args, dataset).await
         }
         (None, Some(env)) => {
             let store = open(args.store.as_ref().context("with --env, name the store with --store")?).await?;
@@ -57,7 +61,7 @@ pub async fn run(args: CurateArgs) -> anyhow::Result<()> {
                 }
                 _ => Curator::new(&store, metrics).curate(&spec).await?,
             };
-            save(&store, &args.out, &dataset).await
+            save(&store, &args, dataset).await
         }
         _ => bail!("give exactly one of --config (a gateway config) or --env (a shipped env)"),
     }
@@ -69,8 +73,13 @@ async fn open(path: &std::path::Path) -> anyhow::Result<SqliteStore> {
 
 /// Records the dataset in the store (refused if its name and version already hold other content),
 /// then writes the files, so files on disk always match a record.
-async fn save(store: &SqliteStore, out: &std::path::Path, dataset: &Dataset) -> anyhow::Result<()> {
+async fn save(store: &SqliteStore, args: &CurateArgs, mut dataset: Dataset) -> anyhow::Result<()> {
     let exported = dataset.export()?;
+    if let Some(student) = &args.student {
+        dataset.summary.tokens = count_tokens(student, &exported)?;
+    }
+    let dataset = &dataset;
+    let out = &args.out;
     let files: Vec<_> = exported.iter().map(|(file, _)| file.clone()).collect();
     let record = dataset.record(&files)?;
     let status = match store.record_dataset(&record).await? {
@@ -85,6 +94,29 @@ async fn save(store: &SqliteStore, out: &std::path::Path, dataset: &Dataset) -> 
     print_summary(dataset, &record.content_hash, &status);
     println!("written to {}", dir.display());
     Ok(())
+}
+
+fn count_tokens(
+    student: &str,
+    exported: &[(apprentice_curate::DatasetFile, String)],
+) -> anyhow::Result<BTreeMap<String, TokenCount>> {
+    let path = apprentice_model::resolve_model(student)?;
+    let tokenizer = apprentice_model::Tokenizer::from_path(&path)?;
+    let template = apprentice_model::ChatTemplate::from_tokenizer(&tokenizer)?;
+    let mut counts = BTreeMap::new();
+    for (file, jsonl) in exported {
+        let mut count = TokenCount { model: student.to_owned(), tokens: 0, trained_tokens: 0 };
+        for (index, line) in jsonl.lines().enumerate() {
+            let record: serde_json::Value = serde_json::from_str(line)?;
+            let rendered = template
+                .render_record(&tokenizer, &record)
+                .with_context(|| format!("{} line {}: cannot render for {student}", file.file, index + 1))?;
+            count.tokens += rendered.input_ids.len();
+            count.trained_tokens += rendered.trained_tokens();
+        }
+        counts.insert(file.file.clone(), count);
+    }
+    Ok(counts)
 }
 
 fn print_summary(dataset: &Dataset, content_hash: &str, status: &str) {
@@ -121,6 +153,15 @@ fn print_summary(dataset: &Dataset, content_hash: &str, status: &str) {
         })
         .collect();
     println!("{:<28} {}", "example weights", bins.join(", "));
+    for (file, count) in &s.tokens {
+        println!(
+            "{:<28} {} tokens, {} trained ({})",
+            format!("tokens: {file}"),
+            count.tokens,
+            count.trained_tokens,
+            count.model
+        );
+    }
     println!("{:<28} {}", "content hash", content_hash);
     println!("{:<28} {}", "store", status);
 }

@@ -130,16 +130,44 @@ fn curate_turns_a_rollout_into_identical_datasets_and_names_bad_spec_keys() {
             db,
             "--out",
             out_dir.to_str().unwrap(),
+            "--student",
+            "smollm2-135m",
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let expected = if run == "a" { "recorded in the store" } else { "identical to the recorded one" };
+        assert!(stdout.contains(expected), "{stdout}");
         let summary: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out_dir.join("ok-v1/summary.json")).unwrap()).unwrap();
         let train = std::fs::read_to_string(out_dir.join("ok-v1/train.jsonl")).unwrap();
         assert_eq!(train.lines().count() as u64, summary["summary"]["train_examples"].as_u64().unwrap());
         assert!(train.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["messages"].is_array()));
-        summaries.push(summary["files"].clone());
+        let tokens = &summary["summary"]["tokens"]["train.jsonl"];
+        assert!(tokens["trained_tokens"].as_u64().unwrap() > 0, "{summary}");
+        assert!(tokens["tokens"].as_u64().unwrap() > tokens["trained_tokens"].as_u64().unwrap(), "{summary}");
+        summaries.push((summary["files"].clone(), summary["content_hash"].clone()));
     }
     assert_eq!(summaries[0], summaries[1], "a rerun gives the same files and hashes");
+
+    // The same name and version over a grown store is refused, and says what to do.
+    let out = apprentice(&["rollout", "--episodes", "3", "--start-index", "20", "--store", db]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out_dir = dir.path().join("c");
+    let out = apprentice(&[
+        "curate",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--env",
+        "babyai",
+        "--store",
+        db,
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ok v1") && stderr.contains("new version"), "{stderr}");
+    assert!(!out_dir.join("ok-v1").exists(), "nothing is written for a refused dataset");
 
     std::fs::write(&spec, "name = \"bad\"\nfunction = \"babyai::act\"\n\n[weighting]\ntype = \"sft_q\"\n").unwrap();
     let out = apprentice(&["curate", "--spec", spec.to_str().unwrap(), "--env", "babyai", "--store", db]);
