@@ -6,7 +6,6 @@
 //! architecture metadata is written from the config. Tokenizer metadata cannot be made up here:
 //! pass the source GGUF's metadata to copy it, so that the saved file is self-contained.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -62,19 +61,52 @@ impl GgufDType {
 pub fn save_safetensors(model: &Llama, dir: &Path) -> Result<(), SaveError> {
     std::fs::create_dir_all(dir).map_err(|error| SaveError::Io { path: dir.into(), error })?;
     let weights_path = dir.join("model.safetensors");
-    let tensor_error = |error| SaveError::Tensor { path: weights_path.clone(), error };
-    let mut tensors = HashMap::new();
-    for (name, tensor) in model.named_tensors() {
-        let tensor = tensor.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(tensor_error)?;
-        tensors.insert(name, tensor);
-    }
-    write_atomically(&weights_path, |tmp| candle_core::safetensors::save(&tensors, tmp).map_err(tensor_error))?;
+    write_atomically(&weights_path, |tmp| write_safetensors(tmp, &model.named_tensors()))?;
 
     let config_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&model.config().to_hf_json()).unwrap_or_default();
     write_atomically(&config_path, |tmp| {
         std::fs::write(tmp, text + "\n").map_err(|error| SaveError::Io { path: tmp.into(), error })
     })
+}
+
+/// The safetensors layout (u64 header length, JSON header, raw little-endian data), written by
+/// hand for the `"format": "pt"` metadata that transformers' `from_pretrained` checks and
+/// candle's writer does not set; tensors are streamed one at a time.
+fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), SaveError> {
+    let tensor_error = |error| SaveError::Tensor { path: path.into(), error };
+    let io_error = |error| SaveError::Io { path: path.into(), error };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for (name, tensor) in tensors {
+        let bytes = tensor.elem_count() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": "F32", "shape": tensor.dims(), "data_offsets": [offset, offset + bytes] }),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    // The data that follows starts 8-byte aligned.
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let file = File::create(path).map_err(io_error)?;
+    let mut writer = BufWriter::new(file);
+    writer.write_all(&(header.len() as u64).to_le_bytes()).map_err(io_error)?;
+    writer.write_all(&header).map_err(io_error)?;
+    for (_, tensor) in tensors {
+        let values = tensor
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(tensor_error)?;
+        for chunk in values.chunks(1 << 16) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            writer.write_all(&bytes).map_err(io_error)?;
+        }
+    }
+    writer.flush().map_err(io_error)
 }
 
 /// Writes a GGUF file at `path`. `source` is the metadata of the GGUF the model was loaded from,

@@ -33,8 +33,14 @@ fn safetensors_round_trip_is_exact() {
             (original.model.forward(&ids(&[&PROMPT])).unwrap(), loaded.model.forward(&ids(&[&PROMPT])).unwrap());
         assert_eq!(max_abs_diff(&a, &b), 0.0, "{what}");
         // The tied output projection is not stored, as in HF checkpoints.
-        let stored = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let weights = dir.path().join("model.safetensors");
+        let stored = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
         assert_eq!(stored.contains_key("lm_head.weight"), !config.tie_word_embeddings, "{what}");
+        // transformers' from_pretrained refuses safetensors files without this metadata.
+        let bytes = std::fs::read(&weights).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        assert_eq!(header["__metadata__"]["format"], "pt", "{what}");
     }
 }
 
