@@ -304,11 +304,12 @@ const BLOCK_NAMES: [(&str, &str); 13] = [
     ("attn_v.weight", "self_attn.v_proj.weight"),
     ("attn_v.bias", "self_attn.v_proj.bias"),
     ("attn_output.weight", "self_attn.o_proj.weight"),
+    // Not a parameter of our model: mapped so that loading names it in a clear error.
+    ("attn_output.bias", "self_attn.o_proj.bias"),
     ("ffn_norm.weight", "post_attention_layernorm.weight"),
     ("ffn_gate.weight", "mlp.gate_proj.weight"),
     ("ffn_up.weight", "mlp.up_proj.weight"),
     ("ffn_down.weight", "mlp.down_proj.weight"),
-    ("attn_output.bias", "self_attn.o_proj.bias"),
 ];
 
 const GLOBAL_NAMES: [(&str, &str); 3] = [
