@@ -156,6 +156,13 @@ impl SqliteStore {
         rows.iter().map(decode_dataset).collect()
     }
 
+    /// Copies the WAL into the database file and truncates it, as SQLite's automatic checkpoints do
+    /// over time; after a bulk load, reads then find pages in the database file, not the WAL.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Waits for open connections to finish and closes them, so the WAL is checkpointed.
     pub async fn close(&self) {
         self.pool.close().await;
