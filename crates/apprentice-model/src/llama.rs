@@ -10,8 +10,12 @@
 //! interleaved rotary; `load` un-permutes them and `save` permutes them back, so weights in
 //! memory always have HF layout and HF names (`model.layers.N.self_attn.q_proj.weight`, ...).
 
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Init, VarBuilder};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::{Embedding, Init, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
 
 use crate::config::ModelConfig;
 
@@ -30,16 +34,96 @@ pub type Result<T> = std::result::Result<T, LlamaError>;
 /// Standard deviation of freshly initialised weights (HF `initializer_range`).
 const INIT_STD: f64 = 0.02;
 
-/// A projection `y = x Wᵀ + b`. Kept as our own named type so a LoRA adapter later wraps the
-/// projections in one place instead of every call site.
+/// A projection `y = x Wᵀ + b`, optionally with a LoRA adapter: `y = x Wᵀ + b + s·B(A(drop(x)))`.
+/// Every projection of the model goes through this type, so the adapter lives in one place.
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    lora: Option<LoraAdapter>,
+}
+
+/// The projections a LoRA adapter may target, by their HF module names.
+pub const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// LoRA hyperparameters: rank `r`, scale `alpha / r`, dropout on the adapter's input (training
+/// only), and the target modules by name (a subset of [`LORA_TARGETS`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub targets: Vec<String>,
+    /// Seeds the initialisation of every `A` matrix.
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self { rank: 16, alpha: 32.0, dropout: 0.0, targets: LORA_TARGETS.map(String::from).to_vec(), seed: 0 }
+    }
+}
+
+/// State shared by all adapters of one model: whether dropout is active, and the seed of the
+/// current micro-step's dropout masks (set by the trainer, so masks are reproducible on resume).
+#[derive(Debug, Default)]
+pub struct LoraState {
+    training: AtomicBool,
+    step_seed: AtomicU64,
+}
+
+impl LoraState {
+    pub fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::SeqCst);
+    }
+
+    pub fn training(&self) -> bool {
+        self.training.load(Ordering::SeqCst)
+    }
+
+    pub fn set_step_seed(&self, seed: u64) {
+        self.step_seed.store(seed, Ordering::SeqCst);
+    }
+}
+
+/// One adapter: `a: [r, in]` (small random), `b: [out, r]` (zeros, so a fresh adapter changes
+/// nothing), scale `alpha / r`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    dropout: f32,
+    id: u64,
+    state: Arc<LoraState>,
+}
+
+impl LoraAdapter {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if self.dropout > 0.0 && self.state.training() { self.drop(x)? } else { x.clone() };
+        let h = candle_nn::Linear::new(self.a.clone(), None).forward(&x)?;
+        let h = candle_nn::Linear::new(self.b.clone(), None).forward(&h)?;
+        Ok((h * self.scale)?)
+    }
+
+    /// Inverted dropout with a mask drawn from (step seed, adapter id): deterministic.
+    fn drop(&self, x: &Tensor) -> Result<Tensor> {
+        let seed = self.state.step_seed.load(Ordering::SeqCst) ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let p = self.dropout;
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+
+    fn detached(&self) -> Self {
+        Self { a: self.a.detach(), b: self.b.detach(), ..self.clone() }
+    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { inner: candle_nn::Linear::new(weight, bias) }
+        Self { inner: candle_nn::Linear::new(weight, bias), lora: None }
     }
 
     fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
@@ -57,8 +141,33 @@ impl Linear {
         self.inner.bias()
     }
 
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        let y = self.inner.forward(x)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(lora) => Ok((y + lora.forward(x)?)?),
+        }
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(self.weight().detach(), self.bias().map(Tensor::detach)),
+            lora: self.lora.as_ref().map(LoraAdapter::detached),
+        }
+    }
+
+    /// Folds the adapter into the weight: `W + s·B·A`; the result has no adapter.
+    fn merge(&mut self) -> Result<()> {
+        if let Some(lora) = self.lora.take() {
+            let delta = (lora.b.matmul(&lora.a)? * lora.scale)?;
+            let weight = (self.weight().detach() + delta.detach())?;
+            self.inner = candle_nn::Linear::new(weight, self.bias().map(Tensor::detach));
+        }
+        Ok(())
     }
 }
 
@@ -356,11 +465,95 @@ impl Llama {
         &self.config
     }
 
+    /// The projections of every layer by HF module path (`model.layers.N.self_attn.q_proj`).
+    fn projections_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut layer.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut layer.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    /// Adds a LoRA adapter to every targeted projection. The adapters' `A` and `B` are created
+    /// as `Var`s in `varmap` (names `<module>.lora_A.weight`, `<module>.lora_B.weight`); the base
+    /// weights are not touched — call this on [`Llama::detached`] to freeze them. `A` is drawn
+    /// uniformly in ±1/√in (PEFT's kaiming-uniform bound) from `config.seed`, `B` is zero.
+    pub fn add_lora(&mut self, config: &LoraConfig, varmap: &VarMap) -> Result<Arc<LoraState>> {
+        if config.rank == 0 {
+            return Err(LlamaError::Input("LoRA rank must be at least 1".into()));
+        }
+        for target in &config.targets {
+            if !LORA_TARGETS.contains(&target.as_str()) {
+                return Err(LlamaError::Input(format!("unknown LoRA target `{target}` (known: {LORA_TARGETS:?})")));
+            }
+        }
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(LlamaError::Input(format!("LoRA dropout {} outside [0, 1)", config.dropout)));
+        }
+        let state = Arc::new(LoraState::default());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+        let r = config.rank;
+        let scale = config.alpha / r as f64;
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for (id, (name, linear)) in self.projections_mut().into_iter().enumerate() {
+            let module = name.rsplit('.').next().unwrap_or_default();
+            if !config.targets.iter().any(|t| t == module) {
+                continue;
+            }
+            let (out_dim, in_dim) = linear.weight().dims2()?;
+            let device = linear.weight().device().clone();
+            let dtype = linear.weight().dtype();
+            let bound = 1.0 / (in_dim as f32).sqrt();
+            let a: Vec<f32> = (0..r * in_dim).map(|_| rng.gen_range(-bound..bound)).collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), &device)?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out_dim, r), dtype, &device)?)?;
+            data.insert(format!("{name}.lora_A.weight"), a.clone());
+            data.insert(format!("{name}.lora_B.weight"), b.clone());
+            linear.lora = Some(LoraAdapter {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale,
+                dropout: config.dropout,
+                id: id as u64,
+                state: state.clone(),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Whether any projection carries a LoRA adapter.
+    pub fn has_lora(&self) -> bool {
+        self.layers.iter().any(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                .iter()
+                .any(|p| p.lora.is_some())
+        })
+    }
+
+    /// Folds every adapter into its base weight (`W + s·B·A`) and removes the adapters: the
+    /// result is a plain model for export. The merged weights are values, outside autograd.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for (_, linear) in self.projections_mut() {
+            linear.merge()?;
+        }
+        Ok(())
+    }
+
     /// The same model on the same weight storage, outside the autograd graph: forward passes
     /// record no backward ops and free their intermediates at once. For inference; it follows
     /// in-place updates of the variables (an optimizer step), so it can evaluate during training.
     pub fn detached(&self) -> Self {
-        let linear = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach));
+        let linear = |l: &Linear| l.detached();
         let norm = |n: &RmsNorm| RmsNorm { weight: n.weight.detach(), eps: n.eps };
         let layers = self
             .layers
