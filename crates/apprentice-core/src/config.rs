@@ -135,6 +135,19 @@ pub enum ProviderConfig {
         #[serde(default = "default_timeout_s")]
         timeout_s: f64,
     },
+    /// A model run in the gateway's own process (candle, CPU): a student checkpoint or a base
+    /// model. Name it `local::NAME` under [models] by convention.
+    Local {
+        /// A cached model name (`apprentice model fetch NAME`), a GGUF file or an HF model folder
+        /// (config.json, tokenizer.json, *.safetensors). Relative paths are relative to the config file.
+        model: String,
+        /// Prompt plus generated tokens at most; default: the model's own context length.
+        #[serde(default)]
+        max_context_tokens: Option<usize>,
+        /// CPU threads for this model's generation; default: candle's (all physical cores).
+        #[serde(default)]
+        threads: Option<usize>,
+    },
     /// Deterministic, offline: for tests and demos.
     Dummy {
         #[serde(default)]
@@ -560,7 +573,13 @@ impl Resolver<'_> {
                     return Err(self.err(format!("models.{name}.providers.{provider}.timeout_s"), "must be positive"));
                 }
             }
-            providers.push((provider.clone(), config.clone()));
+            let config = match config {
+                ProviderConfig::Local { .. } => {
+                    self.local_provider(&format!("models.{name}.providers.{provider}"), config)?
+                }
+                other => other.clone(),
+            };
+            providers.push((provider.clone(), config));
         }
         for provider in raw.providers.keys() {
             if !raw.routing.contains(provider) {
@@ -576,6 +595,32 @@ impl Resolver<'_> {
             }
         }
         Ok(ModelConfig { providers, price: raw.price })
+    }
+
+    /// Checks a local provider and resolves a relative model path against the config's folder.
+    /// A value is a path when it names something that exists there, or looks like one (a path
+    /// separator, a `.gguf` ending); otherwise it is a cached model name, resolved at startup.
+    fn local_provider(&self, key: &str, config: &ProviderConfig) -> Result<ProviderConfig, ConfigError> {
+        let ProviderConfig::Local { model, max_context_tokens, threads } = config else {
+            return Ok(config.clone());
+        };
+        if model.trim().is_empty() {
+            return Err(self.err(format!("{key}.model"), "must name a cached model, a GGUF file or an HF model folder"));
+        }
+        if *max_context_tokens == Some(0) {
+            return Err(self.err(format!("{key}.max_context_tokens"), "must be at least 1"));
+        }
+        if *threads == Some(0) {
+            return Err(self.err(format!("{key}.threads"), "must be at least 1"));
+        }
+        let path = Path::new(model);
+        let looks_like_path = model.contains(['/', '\\']) || model.ends_with(".gguf") || model.starts_with('.');
+        let model = if path.is_relative() && (looks_like_path || self.base.join(path).exists()) {
+            self.base.join(path).to_string_lossy().into_owned()
+        } else {
+            model.clone()
+        };
+        Ok(ProviderConfig::Local { model, max_context_tokens: *max_context_tokens, threads: *threads })
     }
 
     fn read_file(&self, key: &str, path: &str) -> Result<String, ConfigError> {

@@ -14,6 +14,7 @@ mod accumulate;
 pub mod anthropic;
 pub mod dummy;
 mod http;
+pub mod local;
 pub mod openai;
 mod router;
 mod sse;
@@ -22,6 +23,7 @@ pub use accumulate::StreamAccumulator;
 pub use anthropic::AnthropicProvider;
 pub use dummy::DummyProvider;
 pub use http::HttpSettings;
+pub use local::LocalProvider;
 pub use openai::OpenAiProvider;
 pub use router::{build_provider, build_routers, AllProvidersFailed, ModelRouter, Routed};
 
@@ -79,6 +81,10 @@ pub enum ProviderError {
     Protocol { provider: String, message: String },
     #[error("{provider}: {message}")]
     Config { provider: String, message: String },
+    /// A model run in the gateway process could not serve the request (prompt too long for its
+    /// context, template or generation failure).
+    #[error("{provider}: {message}")]
+    Local { provider: String, message: String },
     #[error("dummy provider `{provider}` is configured to fail")]
     Scripted { provider: String },
 }

@@ -91,7 +91,7 @@ struct StreamOptions {
 }
 
 #[derive(Debug, Serialize)]
-struct Message<'a> {
+pub(crate) struct Message<'a> {
     role: &'static str,
     /// `null` is allowed (and expected) for an assistant message that only calls tools.
     content: Option<String>,
@@ -185,7 +185,7 @@ fn tool(definition: &ToolDefinition) -> Tool<'_> {
     }
 }
 
-fn messages(rendered: &RenderedRequest) -> Vec<Message<'_>> {
+pub(crate) fn messages(rendered: &RenderedRequest) -> Vec<Message<'_>> {
     let mut out = Vec::with_capacity(rendered.messages.len() + 1);
     if let Some(system) = &rendered.system {
         out.push(Message { role: "system", content: Some(system.clone()), tool_calls: Vec::new(), tool_call_id: None });

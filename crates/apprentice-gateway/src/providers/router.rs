@@ -10,6 +10,7 @@ use apprentice_core::Config;
 use super::anthropic::AnthropicProvider;
 use super::dummy::DummyProvider;
 use super::http::HttpSettings;
+use super::local::LocalProvider;
 use super::openai::OpenAiProvider;
 use super::{ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse};
 
@@ -82,7 +83,10 @@ impl ModelRouter {
                     .map_err(|e| locate(model_name, name, e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self::new(model_name, providers, config.price))
+        // Tokens generated in-process cost nothing: a model served only locally is priced at 0.
+        let all_local = config.providers.iter().all(|(_, p)| matches!(p, ProviderConfig::Local { .. }));
+        let price = config.price.or(all_local.then(Price::default));
+        Ok(Self::new(model_name, providers, price))
     }
 
     pub fn model_name(&self) -> &str {
@@ -142,6 +146,9 @@ pub fn build_provider(
         ProviderConfig::Anthropic { model_name, api_base, api_key_env, timeout_s } => {
             let settings = HttpSettings::resolve(name, model_name, api_base, Some(api_key_env), *timeout_s)?;
             Arc::new(AnthropicProvider::new(name, settings, client.clone()))
+        }
+        ProviderConfig::Local { model, max_context_tokens, threads } => {
+            Arc::new(LocalProvider::from_config(name, model, *max_context_tokens, *threads)?)
         }
         ProviderConfig::Dummy { behavior, content } => Arc::new(DummyProvider::new(name, *behavior, content.clone())),
     })
