@@ -239,7 +239,9 @@ impl<'a> Curator<'a> {
             }
         }
         metrics.extend(spec.weighting.metric().map(str::to_owned));
+        let started = std::time::Instant::now();
         let history = History::load(self.store, &spec.function, &metrics).await?;
+        tracing::debug!(inferences = history.heads.len(), elapsed = ?started.elapsed(), "history loaded");
         let mask = match &spec.selection {
             Some(selection) => selection.evaluate(&history, &self.metrics)?,
             None => vec![true; history.heads.len()],
@@ -265,6 +267,7 @@ impl<'a> Curator<'a> {
         }
         let ids: Vec<Uuid> = trained.iter().map(|h| h.id).collect();
         let bodies = self.store.inference_bodies(&spec.function, &ids, spec.variant.is_some()).await?;
+        tracing::debug!(selected = ids.len(), elapsed = ?started.elapsed(), "selected contents loaded");
         let heads: HashMap<Uuid, &InferenceHead> = trained.iter().map(|h| (h.id, *h)).collect();
 
         // Building an example (render, convert, serialize its identity) is independent per
@@ -329,6 +332,7 @@ impl<'a> Curator<'a> {
             history.scalar(metric, target).map(|s| s.number())
         })?;
 
+        tracing::debug!(examples = examples.len(), elapsed = ?started.elapsed(), "examples built and weighted");
         summary.examples_before_packing = examples.len();
         summary.approx_tokens_per_inference = approx_tokens(&examples);
         if spec.packing == Packing::Auto {
@@ -342,6 +346,7 @@ impl<'a> Curator<'a> {
         summary.examples_after_packing = examples.len();
         summary.approx_tokens_packed = approx_tokens(&examples);
 
+        tracing::debug!(examples = examples.len(), elapsed = ?started.elapsed(), "packed");
         let (validation, train): (Vec<Example>, Vec<Example>) =
             examples.into_iter().partition(|e| in_validation(spec.seed, e.episode_id, spec.validation_fraction));
         let episodes = |examples: &[Example]| examples.iter().map(|e| e.episode_id).collect::<HashSet<_>>().len();

@@ -54,24 +54,34 @@ impl SqliteStore {
     pub async fn inference_heads(&self, function_name: &str) -> Result<Vec<InferenceHead>, StoreError> {
         let sql = "SELECT id, episode_id, variant_name, tags, created_at FROM inferences \
                    WHERE function_name = ?1 ORDER BY id";
-        self.with_raw_connection(|conn| {
-            let mut statement = conn.prepare(sql)?;
-            let mut rows = statement.query([function_name])?;
-            let mut heads = Vec::new();
-            while let Some(row) = rows.next()? {
-                let id = uuid_column(row, 0, "inference", "id")?;
-                let column = |index, name| text_column(row, index, "inference", id, name);
-                heads.push(InferenceHead {
+        let raw: Vec<(Uuid, Uuid, String, String, String)> = self
+            .with_raw_connection(|conn| {
+                let mut statement = conn.prepare(sql)?;
+                let mut rows = statement.query([function_name])?;
+                let mut raw = Vec::new();
+                while let Some(row) = rows.next()? {
+                    let id = uuid_column(row, 0, "inference", "id")?;
+                    let column = |index, name| text_column(row, index, "inference", id, name);
+                    let episode_id = parse_uuid(column(1, "episode_id")?, "inference", id, "episode_id")?;
+                    let [variant, tags, created_at] =
+                        [(2, "variant_name"), (3, "tags"), (4, "created_at")].map(|(i, name)| column(i, name));
+                    raw.push((id, episode_id, variant?.to_owned(), tags?.to_owned(), created_at?.to_owned()));
+                }
+                Ok(raw)
+            })
+            .await?;
+        // Parsing tags and timestamps is most of the cost; it runs on every core.
+        raw.into_par_iter()
+            .map(|(id, episode_id, variant_name, tags, created_at)| {
+                Ok(InferenceHead {
                     id,
-                    episode_id: parse_uuid(column(1, "episode_id")?, "inference", id, "episode_id")?,
-                    variant_name: column(2, "variant_name")?.to_owned(),
-                    tags: parse_json(column(3, "tags")?, "inference", id, "tags")?,
-                    created_at: parse_time(column(4, "created_at")?, "inference", id, "created_at")?,
-                });
-            }
-            Ok(heads)
-        })
-        .await
+                    episode_id,
+                    variant_name,
+                    tags: parse_json(&tags, "inference", id, "tags")?,
+                    created_at: parse_time(&created_at, "inference", id, "created_at")?,
+                })
+            })
+            .collect()
     }
 
     /// The bodies of the inferences of `function_name` whose ids are in `wanted` (ascending), in

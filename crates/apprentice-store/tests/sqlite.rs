@@ -365,3 +365,55 @@ async fn datasets_are_recorded_once_per_name_and_version() {
     assert_eq!(store.dataset("babyai-success", 1).await.unwrap(), Some(first));
     assert_eq!(store.dataset("babyai-success", 3).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn bulk_reads_for_curation_match_the_full_records() {
+    let (_dir, store) = temp_store(WriteMode::Async).await;
+    let (e1, e2) = (new_id(), new_id());
+    let records: Vec<_> = [("act", e1), ("act", e2), ("judge", e1), ("act", e1)]
+        .into_iter()
+        .map(|(function, episode)| inference(function, "teacher", episode))
+        .collect();
+    let scored = feedback(MetricLevel::Episode, e1, "success", FeedbackValue::Boolean(true));
+    let ignored = feedback(MetricLevel::Episode, e2, "other", FeedbackValue::Float(0.5));
+    let mut batch: Vec<_> = records.iter().cloned().map(rec).collect();
+    batch.extend([fb(scored.clone()), fb(ignored)]);
+    store.write_batch(&batch).await.unwrap();
+
+    let act = InferenceQuery { function_name: Some("act".into()), ..Default::default() };
+    let full = store.inferences(&act).await.unwrap();
+    let heads = store.inference_heads("act").await.unwrap();
+    assert_eq!(heads.len(), 3);
+    for (head, record) in heads.iter().zip(&full) {
+        assert_eq!(
+            (head.id, head.episode_id, &head.tags, head.created_at),
+            (record.id, record.episode_id, &record.tags, record.created_at)
+        );
+        assert_eq!(head.variant_name, record.variant_name);
+    }
+    // Only the wanted ids, in order; an id that is not there is skipped.
+    let wanted = vec![full[0].id, new_id(), full[2].id];
+    let mut wanted_sorted = wanted.clone();
+    wanted_sorted.sort();
+    let bodies = store.inference_bodies("act", &wanted_sorted, true).await.unwrap();
+    assert_eq!(bodies.iter().map(|b| b.id).collect::<Vec<_>>(), vec![full[0].id, full[2].id]);
+    for (body, record) in bodies.iter().zip([&full[0], &full[2]]) {
+        assert_eq!(
+            (&body.rendered, &body.output, body.input.as_ref()),
+            (&record.rendered, &record.output, Some(&record.input))
+        );
+    }
+    assert!(store.inference_bodies("act", &wanted_sorted, false).await.unwrap().iter().all(|b| b.input.is_none()));
+    let feedback = store.curation_feedback(&["success".into()]).await.unwrap();
+    assert_eq!(feedback.len(), 1);
+    assert_eq!((feedback[0].target_id, &feedback[0].value), (e1, &FeedbackValue::Boolean(true)));
+
+    // A corrupt row is named, with its column, by the bulk reads too.
+    sqlx::query("UPDATE inferences SET tags = '[' WHERE id = ?")
+        .bind(full[1].id.to_string())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let err = store.inference_heads("act").await.unwrap_err();
+    assert!(err.to_string().contains(&full[1].id.to_string()) && err.to_string().contains("tags"), "{err}");
+}
