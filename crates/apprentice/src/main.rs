@@ -4,6 +4,7 @@ mod curate;
 mod demo;
 mod envs;
 mod model;
+mod train;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -57,6 +58,8 @@ enum Command {
     },
     /// Student base models: fetch into the model cache, list, resolve.
     Model(model::ModelArgs),
+    /// Fine-tune the student on a curated dataset: sft, iw-sft, sft-q, iw-sft-q; LoRA or full.
+    Train(train::TrainArgs),
     /// Benchmarks; each prints a table and can write JSON.
     Bench {
         #[command(subcommand)]
@@ -172,6 +175,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Curate(args) => curate::run(args).await,
         Command::Env { command } => envs::run_env(command),
         Command::Model(args) => model::run(args),
+        Command::Train(args) => train::run(args),
         Command::Bench { bench: Bench::Expert { episodes, epsilons, distractors, json } } => {
             envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())
         }
