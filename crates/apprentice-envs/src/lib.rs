@@ -190,8 +190,16 @@ pub trait Env: Send {
 impl EnvSpec {
     /// The gateway configuration (TOML) for this env: its functions with one variant each served by
     /// `model`, with the env's schemas and templates, and its metrics. Append a `[models.MODEL]`
-    /// section and the gateway can serve an LLM policy for the env.
+    /// section and the gateway can serve an LLM policy for the env. A local model, `local::NAME`,
+    /// needs no URL or key, so its section is included: a provider of `type = "local"` for NAME
+    /// (a cached model name, a GGUF file or an HF model folder).
     pub fn gateway_config(&self, model: &str, variant: &str) -> Result<String, EnvError> {
+        self.gateway_config_with(model, variant, &VariantParams::default())
+    }
+
+    /// [`EnvSpec::gateway_config`] with sampling parameters set on the variant (e.g. a short
+    /// `max_tokens` for a small local model, whose untrained answers can run long).
+    pub fn gateway_config_with(&self, model: &str, variant: &str, params: &VariantParams) -> Result<String, EnvError> {
         let to_toml = |value: &Value| {
             toml::Value::try_from(value).map_err(|e| EnvError::Other(format!("schema not expressible in TOML: {e}")))
         };
@@ -201,6 +209,12 @@ impl EnvSpec {
             variant_table.insert("model".into(), model.into());
             variant_table.insert("system_template".into(), function.system_template.clone().into());
             variant_table.insert("user_template".into(), function.user_template.clone().into());
+            if let Some(temperature) = params.temperature {
+                variant_table.insert("temperature".into(), temperature.into());
+            }
+            if let Some(max_tokens) = params.max_tokens {
+                variant_table.insert("max_tokens".into(), i64::from(max_tokens).into());
+            }
             let mut table = toml::Table::new();
             table.insert("type".into(), "chat".into());
             table.insert("system_schema".into(), to_toml(&function.system_schema)?);
@@ -245,8 +259,24 @@ impl EnvSpec {
             root.insert("tools".into(), tools.into());
         }
         root.insert("metrics".into(), metrics.into());
+        if let Some(local) = model.strip_prefix("local::").filter(|name| !name.is_empty()) {
+            let provider =
+                toml::Table::from_iter([("type".to_string(), "local".into()), ("model".to_string(), local.into())]);
+            let section = toml::Table::from_iter([
+                ("routing".to_string(), vec![toml::Value::from("local")].into()),
+                ("providers".to_string(), toml::Table::from_iter([("local".to_string(), provider.into())]).into()),
+            ]);
+            root.insert("models".into(), toml::Table::from_iter([(model.to_string(), section.into())]).into());
+        }
         toml::to_string(&root).map_err(|e| EnvError::Other(e.to_string()))
     }
+}
+
+/// Sampling parameters [`EnvSpec::gateway_config_with`] writes into the variant.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VariantParams {
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
 }
 
 impl Env for Box<dyn Env> {
@@ -281,6 +311,8 @@ pub const ENVS: &[&str] = &["babyai"];
 pub struct EnvOptions {
     /// Extra objects in each task (BabyAI's harder variant); 0 as in the LLM benchmarks.
     pub distractors: usize,
+    /// Truncate episodes after this many steps when the task allows more (none: the task's budget).
+    pub max_steps: Option<u32>,
 }
 
 /// Builds a fresh instance of a shipped env.
@@ -294,7 +326,11 @@ pub fn make_env(name: &str, options: EnvOptions) -> Result<Box<dyn Env>, EnvErro
                     options.distractors
                 )));
             }
-            Ok(Box::new(babyai::BabyAi::with_config(babyai::tasks::TaskConfig { distractors: options.distractors })))
+            if options.max_steps == Some(0) {
+                return Err(EnvError::BadTask("max_steps must be at least 1".into()));
+            }
+            let config = babyai::tasks::TaskConfig { distractors: options.distractors };
+            Ok(Box::new(babyai::BabyAi::with_config(config).with_step_limit(options.max_steps)))
         }
         other => Err(EnvError::UnknownEnv { name: other.to_string(), known: ENVS.join(", ") }),
     }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use apprentice_core::config::WriteMode;
 use apprentice_core::{Config, ContentBlock, InputMessage};
 use apprentice_envs::rollout::{rollout, Policy, RolloutOptions};
-use apprentice_envs::{make_env, Env, EnvOptions, Split, TaskId};
+use apprentice_envs::{make_env, Env, EnvOptions, Split, TaskId, VariantParams};
 use apprentice_store::{Recorder, SqliteStore, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -19,6 +19,9 @@ pub struct RolloutArgs {
     /// Extra objects per task (BabyAI's harder variant).
     #[arg(long, default_value_t = 0)]
     distractors: usize,
+    /// End each episode (truncated) after at most this many steps.
+    #[arg(long)]
+    max_steps: Option<u32>,
     #[arg(long, default_value = "train")]
     split: String,
     #[arg(long, default_value_t = 100)]
@@ -64,17 +67,25 @@ pub enum EnvCommand {
     /// Print the gateway configuration (functions, templates, schemas, metrics) for an env.
     Config {
         env: String,
-        /// The model that serves the env's functions (add its [models.NAME] section yourself).
+        /// The model that serves the env's functions: add its [models.NAME] section yourself, except
+        /// for `local::NAME` (a cached model, GGUF file or HF folder served in the gateway), whose
+        /// section is printed too.
         #[arg(long, default_value = "teacher")]
         model: String,
         #[arg(long, default_value = "teacher")]
         variant: String,
+        /// Sets the variant's `max_tokens` (keeps a small local model's answers short).
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Sets the variant's `temperature`.
+        #[arg(long)]
+        temperature: Option<f64>,
     },
 }
 
 pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
     let split: Split = args.split.parse()?;
-    let env_options = EnvOptions { distractors: args.distractors };
+    let env_options = EnvOptions { distractors: args.distractors, max_steps: args.max_steps };
     make_env(&args.env, env_options)?;
     let policy = if args.policy.starts_with("expert") {
         Policy::expert(&args.policy)?
@@ -129,12 +140,19 @@ pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
 
 pub fn run_env(command: EnvCommand) -> anyhow::Result<()> {
     match command {
-        EnvCommand::Config { env, model, variant } => {
-            print!("{}", make_env(&env, EnvOptions::default())?.spec().gateway_config(&model, &variant)?);
+        EnvCommand::Config { env, model, variant, max_tokens, temperature } => {
+            if model.starts_with("local::") && max_tokens.is_none() {
+                eprintln!(
+                    "note: a local model generates until it ends its turn or fills its context; \
+                     --max-tokens bounds each answer (an untrained student can ramble for minutes on a CPU)"
+                );
+            }
+            let params = VariantParams { temperature, max_tokens };
+            print!("{}", make_env(&env, EnvOptions::default())?.spec().gateway_config_with(&model, &variant, &params)?);
             Ok(())
         }
         EnvCommand::Play { env, task, distractors, show_map } => {
-            play(&env, task.parse()?, EnvOptions { distractors }, show_map)
+            play(&env, task.parse()?, EnvOptions { distractors, ..EnvOptions::default() }, show_map)
         }
     }
 }

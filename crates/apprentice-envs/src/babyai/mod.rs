@@ -154,6 +154,8 @@ struct Episode {
 pub struct BabyAi {
     spec: EnvSpec,
     config: TaskConfig,
+    /// Ends episodes (truncated) after this many steps if the task's budget is larger.
+    step_limit: Option<u32>,
     episode: Option<Episode>,
 }
 
@@ -170,7 +172,14 @@ impl BabyAi {
     }
 
     pub fn with_config(config: TaskConfig) -> BabyAi {
-        BabyAi { spec: env_spec(), config, episode: None }
+        BabyAi { spec: env_spec(), config, step_limit: None, episode: None }
+    }
+
+    /// Truncates every episode after at most `limit` steps (short smoke runs of slow policies).
+    /// Rewards still follow the task's own budget, so a success scores the same either way.
+    pub fn with_step_limit(mut self, limit: Option<u32>) -> BabyAi {
+        self.step_limit = limit;
+        self
     }
 
     pub fn config(&self) -> &TaskConfig {
@@ -290,7 +299,8 @@ impl Env for BabyAi {
 
         let success = status == Status::Success;
         let terminated = status != Status::InProgress;
-        let truncated = !terminated && episode.steps >= episode.task.max_steps;
+        let budget = episode.task.max_steps.min(self.step_limit.unwrap_or(u32::MAX));
+        let truncated = !terminated && episode.steps >= budget;
         let reward = if success { success_reward(episode.steps, episode.task.max_steps) } else { 0.0 };
 
         let before = episode.cost_to_go;

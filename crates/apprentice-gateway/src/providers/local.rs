@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Instant;
 
@@ -290,15 +291,24 @@ impl LocalProvider {
     }
 
     /// Runs `job` on the blocking pool, one generation per model at a time, calling `on_event`
-    /// as tokens come.
+    /// as tokens come. Dropping the returned future (a client that hung up on a non-streamed
+    /// call, whose answer nobody would see or record) stops the generation at its next token.
     async fn run(
         &self,
         job: Job,
-        on_event: impl FnMut(StreamEvent<'_>) -> ControlFlow<()> + Send + 'static,
+        mut on_event: impl FnMut(StreamEvent<'_>) -> ControlFlow<()> + Send + 'static,
     ) -> Result<Generation, ProviderError> {
         let model = self.model.clone();
         let pool = self.pool.clone();
         let name = self.name.clone();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let _on_drop = SetOnDrop(abandoned.clone());
+        let on_event = move |event: StreamEvent<'_>| {
+            if abandoned.load(Ordering::Relaxed) {
+                return ControlFlow::Break(());
+            }
+            on_event(event)
+        };
         let task = tokio::task::spawn_blocking(move || {
             let _turn = model.busy.lock().unwrap_or_else(PoisonError::into_inner);
             let decode = |ids: &[u32]| model.tokenizer.decode(ids, true).unwrap_or_default();
@@ -316,6 +326,15 @@ impl LocalProvider {
             Ok(Err(e)) => Err(ProviderError::Local { provider: name, message: format!("generation failed: {e}") }),
             Err(e) => Err(ProviderError::Local { provider: name, message: format!("generation panicked: {e}") }),
         }
+    }
+}
+
+/// Raises its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
