@@ -167,3 +167,35 @@ user_template = { path = "t/user.jinja" }
     let err = Config::load(&path).unwrap_err().to_string();
     assert!(err.contains("functions.f.variants.v.user_template") && err.contains("missing.jinja"), "{err}");
 }
+
+#[test]
+fn local_providers_resolve_paths_and_name_bad_keys() {
+    let local = |settings: &str| {
+        parse(&format!(
+            "[models.\"local::s\"]\nrouting = [\"l\"]\n[models.\"local::s\".providers.l]\ntype = \"local\"\n{settings}\n"
+        ))
+    };
+    let model_of = |config: Config| match &config.models["local::s"].providers[0].1 {
+        ProviderConfig::Local { model, .. } => model.clone(),
+        other => panic!("not local: {other:?}"),
+    };
+    // A cached model name stays a name; a relative path is relative to the config's folder.
+    assert_eq!(model_of(local("model = \"smollm2-135m\"").unwrap()), "smollm2-135m");
+    assert_eq!(model_of(local("model = \"runs/7/student.gguf\"").unwrap()), "/base/runs/7/student.gguf");
+    assert_eq!(model_of(local("model = \"/abs/student\"").unwrap()), "/abs/student");
+    let config = local("model = \"m\"\nmax_context_tokens = 512\nthreads = 2").unwrap();
+    assert!(matches!(
+        config.models["local::s"].providers[0].1,
+        ProviderConfig::Local { max_context_tokens: Some(512), threads: Some(2), .. }
+    ));
+    for (settings, key, problem) in [
+        ("model = \"\"", "models.local::s.providers.l.model", "must name a cached model"),
+        ("model = \"m\"\nmax_context_tokens = 0", "models.local::s.providers.l.max_context_tokens", "at least 1"),
+        ("model = \"m\"\nthreads = 0", "models.local::s.providers.l.threads", "at least 1"),
+        ("model = \"m\"\ntemperature = 1", "models.local::s.providers.l", "unknown field"),
+        ("", "models.local::s.providers.l", "missing field `model`"),
+    ] {
+        let err = local(settings).expect_err(settings);
+        assert!(err.starts_with("apprentice.toml") && err.contains(key) && err.contains(problem), "{settings}: {err}");
+    }
+}
