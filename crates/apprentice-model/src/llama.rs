@@ -146,10 +146,18 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.inner.forward(x)?;
         match &self.lora {
-            None => Ok(y),
-            Some(lora) => Ok((y + lora.forward(x)?)?),
+            None => Ok(self.inner.forward(x)?),
+            Some(lora) => {
+                // Autograd through a frozen weight would also compute that weight's gradient
+                // (candle's matmul backward computes both sides): a third of the step's work.
+                let y = if x.device().is_cpu() && x.dtype() == DType::F32 && !self.weight().is_variable() {
+                    frozen_linear(x, self.weight(), self.bias())?
+                } else {
+                    self.inner.forward(x)?
+                };
+                Ok((y + lora.forward(x)?)?)
+            }
         }
     }
 
@@ -168,6 +176,52 @@ impl Linear {
             self.inner = candle_nn::Linear::new(weight, self.bias().map(Tensor::detach));
         }
         Ok(())
+    }
+}
+
+/// `x Wᵀ + b` for a weight that gets no gradient: the backward pass computes only the input's
+/// gradient (`grad · W`), not the weight's. CPU, f32.
+fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_dim = *dims.last().ok_or_else(|| LlamaError::Input("linear input has no dimensions".into()))?;
+    let rows = x.elem_count() / in_dim.max(1);
+    let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+    let y = x2.apply_op1(FrozenMatmul { weight: weight.detach() })?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("non-empty") = weight.dim(0)?;
+    let y = y.reshape(out_dims)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul needs a contiguous input".into()))?;
+        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
+        let y = x.matmul(&self.weight.t()?)?;
+        let shape = y.shape().clone();
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.weight)?))
     }
 }
 
@@ -691,6 +745,33 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         last_only: bool,
     ) -> Result<Tensor> {
+        self.run_inner(input_ids, attention_mask, cache.take(), last_only, false)
+    }
+
+    /// The final-normed hidden states `[B, T, hidden]` of the training forward (`forward` without
+    /// the output projection): a trainer projects only the positions that carry loss with
+    /// [`Llama::project`], saving the `[B, T, vocab]` logits.
+    pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.run_inner(input_ids, None, None, false, true)
+    }
+
+    /// Logits of hidden states `[..., hidden]` (the output projection: `lm_head` or the tied
+    /// embeddings).
+    pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(match &self.lm_head {
+            Some(head) => head.forward(hidden)?,
+            None => Linear::new(self.embed_tokens.embeddings().clone(), None).forward(hidden)?,
+        })
+    }
+
+    fn run_inner(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        last_only: bool,
+        hidden_only: bool,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2().map_err(|_| {
             LlamaError::Input(format!("input_ids must be [batch, time], got shape {:?}", input_ids.dims()))
         })?;
@@ -771,10 +852,7 @@ impl Llama {
         }
         let x = self.norm.forward(&x)?;
         let x = if last_only { x.narrow(1, t - 1, 1)?.squeeze(1)? } else { x };
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&x)?,
-            None => Linear::new(self.embed_tokens.embeddings().clone(), None).forward(&x)?,
-        };
+        let logits = if hidden_only { x } else { self.project(&x)? };
 
         if let Some(c) = cache {
             c.valid = valid;

@@ -8,6 +8,7 @@ use apprentice_model::{ChatTemplate, Tokenizer};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::Serialize;
 
 /// One rendered example: ids and, per token, its loss weight (message weight × example weight;
 /// 0 = context only).
@@ -23,38 +24,149 @@ impl Example {
     }
 }
 
+/// What loading did to a JSONL file's lines: how many examples (windows) came out and how many
+/// trained tokens could not be kept within `max_len`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LoadStats {
+    pub lines: usize,
+    /// Examples produced (a line longer than `max_len` gives several windows).
+    pub examples: usize,
+    /// Lines longer than `max_len`, split into windows.
+    pub split_lines: usize,
+    /// Trained tokens in the rendered lines.
+    pub trained_tokens: usize,
+    /// Trained tokens in no window (a single assistant turn longer than a window, or a line
+    /// with nothing but trained tokens after its first one).
+    pub dropped_trained_tokens: usize,
+    /// Lines that yield no example (fewer than 2 tokens).
+    pub skipped_lines: usize,
+}
+
 /// Reads OpenAI chat fine-tuning JSONL (optional `weight`), rendering each line with `template`.
-/// Examples longer than `max_len` keep their first `max_len` tokens; returns how many were cut.
+/// A line longer than `max_len` tokens is split by [`split_windows`] at assistant-turn
+/// boundaries into windows that each start with the conversation's system message; the stats
+/// count the trained tokens that fit in no window.
 pub fn load_jsonl(
     path: &Path,
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
     max_len: usize,
-) -> Result<(Vec<Example>, usize)> {
+) -> Result<(Vec<Example>, LoadStats)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut examples = Vec::new();
-    let mut truncated = 0;
+    let mut stats = LoadStats::default();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
+        stats.lines += 1;
         let record: serde_json::Value =
             serde_json::from_str(line).with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
         let rendered = template
             .render_record(tokenizer, &record)
             .with_context(|| format!("{} line {}: cannot render", path.display(), i + 1))?;
-        let (mut input_ids, mut weights) = (rendered.input_ids, rendered.weights);
-        if input_ids.len() > max_len {
-            input_ids.truncate(max_len);
-            weights.truncate(max_len);
-            truncated += 1;
-        }
-        if input_ids.len() < 2 {
+        let whole = Example { input_ids: rendered.input_ids, weights: rendered.weights };
+        stats.trained_tokens += whole.trained_tokens();
+        if whole.input_ids.len() < 2 {
+            stats.skipped_lines += 1;
             continue;
         }
-        examples.push(Example { input_ids, weights });
+        if whole.input_ids.len() <= max_len {
+            stats.examples += 1;
+            examples.push(whole);
+            continue;
+        }
+        stats.split_lines += 1;
+        let prefix_len = system_prefix_len(tokenizer, template, &record, &whole.input_ids);
+        let turn_ends: Vec<usize> = rendered.turns.iter().map(|t| t.token_range.end).collect();
+        let windows = split_windows(&whole, prefix_len, &turn_ends, max_len);
+        let kept: usize = windows.iter().map(Example::trained_tokens).sum();
+        stats.dropped_trained_tokens += whole.trained_tokens().saturating_sub(kept);
+        stats.examples += windows.len();
+        examples.extend(windows);
     }
-    Ok((examples, truncated))
+    Ok((examples, stats))
+}
+
+/// The number of leading tokens that render the record's system message (and tools) alone, when
+/// that rendering is a prefix of the whole conversation's; else 0.
+fn system_prefix_len(tokenizer: &Tokenizer, template: &ChatTemplate, record: &serde_json::Value, ids: &[u32]) -> usize {
+    let Some(first) = record.get("messages").and_then(|m| m.get(0)) else { return 0 };
+    if first.get("role").and_then(|r| r.as_str()) != Some("system") {
+        return 0;
+    }
+    let mut alone = serde_json::json!({ "messages": [first] });
+    if let Some(tools) = record.get("tools") {
+        alone["tools"] = tools.clone();
+    }
+    match template.render_record(tokenizer, &alone) {
+        Ok(r) if ids.starts_with(&r.input_ids) => r.input_ids.len(),
+        _ => 0,
+    }
+}
+
+/// Splits an example longer than `max_len` into windows of at most `max_len` tokens.
+///
+/// The tokens after the first `prefix_len` (the system message) are cut into segments that each
+/// end where an assistant turn ends (`turn_ends`): a segment is a turn with the context that
+/// precedes it since the previous turn (the user message, the observation). Consecutive segments
+/// are packed greedily into windows, each starting with the prefix, so every trained token keeps
+/// the system message and its own turn's context, and is trained exactly once. A segment that
+/// does not fit a window alone keeps its trained tokens and as much of the context right before
+/// them as fits (context is cut from the left); trained tokens beyond the window are dropped
+/// (the caller counts them). The prefix is left out when it would take over half a window.
+/// Windows without trained tokens are left out.
+pub fn split_windows(example: &Example, prefix_len: usize, turn_ends: &[usize], max_len: usize) -> Vec<Example> {
+    let n = example.input_ids.len();
+    let max_len = max_len.max(2);
+    if n <= max_len {
+        return vec![example.clone()];
+    }
+    let trained_in = |r: std::ops::Range<usize>| example.weights[r].iter().any(|&w| w > 0.0);
+    let prefix_len =
+        if prefix_len <= max_len / 2 && prefix_len < n && !trained_in(0..prefix_len) { prefix_len } else { 0 };
+    let mut bounds: Vec<usize> = turn_ends.iter().copied().filter(|&e| e > prefix_len && e < n).collect();
+    bounds.push(n);
+    bounds.sort_unstable();
+    bounds.dedup();
+    let room = max_len - prefix_len;
+    let mut windows = Vec::new();
+    let mut emit = |ranges: &[std::ops::Range<usize>]| {
+        let mut input_ids = Vec::with_capacity(max_len);
+        let mut weights = Vec::with_capacity(max_len);
+        for r in ranges {
+            input_ids.extend_from_slice(&example.input_ids[r.clone()]);
+            weights.extend_from_slice(&example.weights[r.clone()]);
+        }
+        let e = Example { input_ids, weights };
+        if e.input_ids.len() >= 2 && e.trained_tokens() > 0 {
+            windows.push(e);
+        }
+    };
+    let mut start = prefix_len;
+    let mut i = 0;
+    while i < bounds.len() {
+        let seg_end = bounds[i];
+        if seg_end - start > room {
+            // One segment longer than a window: keep its first trained token's context.
+            let first = (start..seg_end).find(|&p| example.weights[p] > 0.0).unwrap_or(seg_end);
+            let from = if seg_end - first + 1 <= room { seg_end - room } else { first.saturating_sub(1).max(start) };
+            emit(&[0..prefix_len, from..(from + room).min(seg_end)]);
+            start = seg_end;
+            i += 1;
+            continue;
+        }
+        // Extend with whole segments while they fit.
+        let mut end = seg_end;
+        while i + 1 < bounds.len() && bounds[i + 1] - start <= room {
+            i += 1;
+            end = bounds[i];
+        }
+        emit(&[0..prefix_len, start..end]);
+        start = end;
+        i += 1;
+    }
+    windows
 }
 
 /// Groups examples of similar length: sorted by length (ties by index), then filled greedily
@@ -146,6 +258,56 @@ mod tests {
         let mut all: Vec<usize> = batches.concat();
         all.sort();
         assert_eq!(all, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    /// A conversation: 4-token system prefix, then 3 turns of 3 context + 2 trained tokens.
+    fn episode() -> (Example, Vec<usize>) {
+        let mut ids: Vec<u32> = vec![1, 2, 3, 4];
+        let mut w = vec![0.0; 4];
+        let mut ends = Vec::new();
+        for turn in 0..3u32 {
+            ids.extend([10 + turn, 10 + turn, 10 + turn, 100 + turn, 100 + turn]);
+            w.extend([0.0, 0.0, 0.0, 1.0, 1.0]);
+            ends.push(ids.len());
+        }
+        (Example { input_ids: ids, weights: w }, ends)
+    }
+
+    #[test]
+    fn long_examples_split_at_turns_with_the_system_prefix() {
+        let (e, ends) = episode();
+        assert_eq!(e.input_ids.len(), 19);
+        assert_eq!(split_windows(&e, 4, &ends, 19), vec![e.clone()]);
+        // Room for the prefix and two turns: windows [prefix, t0, t1] and [prefix, t2].
+        let w = split_windows(&e, 4, &ends, 14);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].input_ids, e.input_ids[..14].to_vec());
+        assert_eq!(w[1].input_ids, [&e.input_ids[..4], &e.input_ids[14..]].concat());
+        assert_eq!(w.iter().map(Example::trained_tokens).sum::<usize>(), e.trained_tokens());
+        for win in &w {
+            assert!(win.input_ids.len() <= 14);
+            assert_eq!(&win.input_ids[..4], &[1, 2, 3, 4]);
+            assert_eq!(win.input_ids.len(), win.weights.len());
+        }
+        // One turn per window.
+        let w = split_windows(&e, 4, &ends, 9);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.iter().map(Example::trained_tokens).sum::<usize>(), 6);
+    }
+
+    #[test]
+    fn a_turn_longer_than_a_window_keeps_its_trained_tokens_and_nearest_context() {
+        let (e, ends) = episode();
+        // 4 + 5 > 8: each turn keeps the last 4 of its 5 tokens (2 context + 2 trained).
+        let w = split_windows(&e, 4, &ends, 8);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0].input_ids, vec![1, 2, 3, 4, 10, 10, 100, 100]);
+        assert_eq!(w.iter().map(Example::trained_tokens).sum::<usize>(), 6);
+        // No room for context and all trained tokens: the prefix (over half the window) goes,
+        // and what does not fit is dropped, never more than a window.
+        let w = split_windows(&e, 4, &ends, 2);
+        assert!(w.iter().all(|x| x.input_ids.len() <= 2));
+        assert_eq!(w.iter().map(Example::trained_tokens).sum::<usize>(), 3);
     }
 
     #[test]

@@ -21,8 +21,8 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::{batch_tensors, bucket_batches, epoch_order, Example};
-use crate::objective::{coefficients, token_log_probs, weighted_loss, BatchNumbers, HelperPolicy, IwConfig, Objective};
+use crate::data::{batch_tensors, bucket_batches, epoch_order, BatchTensors, Example};
+use crate::objective::{coefficients, token_log_probs, BatchNumbers, HelperPolicy, IwConfig, Objective};
 use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 
 /// LoRA settings of a run (see [`LoraConfig`]).
@@ -60,7 +60,8 @@ pub struct TrainConfig {
     /// Most tokens (rows × longest row) in one micro-batch.
     pub token_budget: usize,
     pub max_batch: usize,
-    /// Longer examples keep their first `max_len` tokens.
+    /// Longer examples are split at assistant turns into windows of at most `max_len` tokens
+    /// that each start with the system message (see `data::split_windows`).
     pub max_len: usize,
     pub epochs: usize,
     /// Overrides `epochs` when set.
@@ -90,7 +91,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             token_budget: 1024,
             max_batch: 8,
-            max_len: 256,
+            max_len: 1024,
             epochs: 1,
             max_steps: None,
             eval_every: 25,
@@ -294,17 +295,20 @@ pub fn train(
 
             // An EMA helper runs before the training forward: it swaps the EMA values into the
             // variables, and the training graph must see the current ones.
+            let positions = trained_positions(&bt.token_weights);
+            if positions.is_empty() {
+                continue;
+            }
             let ema_helper = match (&ema, ema_decay) {
-                (Some(ema), Some(_)) => Some(helper_with_values(&model, &vars, ema, &bt.inputs, &bt.targets)?),
+                (Some(ema), Some(_)) => Some(helper_with_values(&model, &vars, ema, &bt, &positions)?),
                 _ => None,
             };
-            let logits = model.forward(&bt.inputs)?;
-            let lp = token_log_probs(&logits, &bt.targets)?;
+            let lp = selected_log_probs(&model, &bt, &positions)?;
             let (helper, reference_rows) = match &reference {
                 Some(cache) => {
                     let helper = match ema_helper {
                         Some(h) => h,
-                        None => lp.detach().to_vec2::<f32>()?,
+                        None => scatter_rows(&bt, &positions, &lp.detach().to_vec1::<f32>()?),
                     };
                     let t = bt.token_weights[0].len();
                     let rows = members
@@ -333,7 +337,9 @@ pub fn train(
                 continue;
             }
             weight_values.push(coeffs.stats);
-            let loss = (weighted_loss(&lp, &coeffs.c)? / config.grad_accum as f64)?;
+            let c: Vec<f32> = positions.iter().map(|&(r, p)| coeffs.c[r][p]).collect();
+            let c = Tensor::from_vec(c, positions.len(), lp.device())?;
+            let loss = ((&lp * c)?.sum_all()?.neg()? / config.grad_accum as f64)?;
             step_loss += loss.to_scalar::<f32>()? as f64;
             let grad_store = loss.backward()?;
             for (i, var) in vars.iter().enumerate() {
@@ -457,22 +463,53 @@ fn helper_with_values(
     model: &Llama,
     vars: &[Var],
     values: &[Vec<f32>],
-    inputs: &Tensor,
-    targets: &Tensor,
+    bt: &BatchTensors,
+    positions: &[(usize, usize)],
 ) -> Result<Vec<Vec<f32>>> {
     let saved: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy()).collect::<Result<_, _>>()?;
     for (var, value) in vars.iter().zip(values) {
         var.set(&Tensor::from_vec(value.clone(), var.as_tensor().shape(), var.as_tensor().device())?)?;
     }
-    let result = model
-        .detached()
-        .forward(inputs)
-        .map_err(anyhow::Error::from)
-        .and_then(|logits| Ok(token_log_probs(&logits, targets)?.to_vec2::<f32>()?));
+    let result = selected_log_probs(&model.detached(), bt, positions)
+        .and_then(|lp| Ok(scatter_rows(bt, positions, &lp.to_vec1::<f32>()?)));
     for (var, value) in vars.iter().zip(&saved) {
         var.set(value)?;
     }
     result
+}
+
+/// The (row, position) of every target that carries loss (weight > 0), row-major.
+pub fn trained_positions(token_weights: &[Vec<f32>]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (r, row) in token_weights.iter().enumerate() {
+        out.extend(row.iter().enumerate().filter(|(_, &w)| w > 0.0).map(|(p, _)| (r, p)));
+    }
+    out
+}
+
+/// log π(y) at `positions` only, `[N]`, differentiable: the hidden states of those positions are
+/// gathered before the output projection, so the vocabulary-sized logits and their log-softmax
+/// (fp32, via logsumexp) cover trained tokens, not every position of the batch.
+pub fn selected_log_probs(model: &Llama, bt: &BatchTensors, positions: &[(usize, usize)]) -> Result<Tensor> {
+    let (b, t) = bt.inputs.dims2()?;
+    let device = bt.inputs.device();
+    let flat: Vec<u32> = positions.iter().map(|&(r, p)| (r * t + p) as u32).collect();
+    let index = Tensor::from_vec(flat, positions.len(), device)?;
+    let hidden = model.forward_hidden(&bt.inputs)?;
+    let h = hidden.dim(2)?;
+    let rows = hidden.reshape((b * t, h))?.index_select(&index, 0)?;
+    let logits = model.project(&rows)?.unsqueeze(0)?;
+    let targets = bt.targets.flatten_all()?.index_select(&index, 0)?.unsqueeze(0)?.contiguous()?;
+    Ok(token_log_probs(&logits, &targets)?.squeeze(0)?)
+}
+
+/// `values` (one per position) as `[B][T]` rows, 0 elsewhere.
+fn scatter_rows(bt: &BatchTensors, positions: &[(usize, usize)], values: &[f32]) -> Vec<Vec<f32>> {
+    let mut rows: Vec<Vec<f32>> = bt.token_weights.iter().map(|r| vec![0f32; r.len()]).collect();
+    for (&(r, p), &v) in positions.iter().zip(values) {
+        rows[r][p] = v;
+    }
+    rows
 }
 
 /// Mean negative log-likelihood per trained token (binary mask) over `examples`.
@@ -495,15 +532,13 @@ pub fn validation_loss(
     for batch in bucket_batches(&lengths, config.token_budget, config.max_batch) {
         let members: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
         let bt = batch_tensors(&members, pad_id, &device)?;
-        let lp = token_log_probs(&frozen.forward(&bt.inputs)?, &bt.targets)?.to_vec2::<f32>()?;
-        for (row, weights) in lp.iter().zip(&bt.token_weights) {
-            for (l, w) in row.iter().zip(weights) {
-                if *w > 0.0 {
-                    total -= *l as f64;
-                    count += 1;
-                }
-            }
+        let positions = trained_positions(&bt.token_weights);
+        if positions.is_empty() {
+            continue;
         }
+        let lp = selected_log_probs(&frozen, &bt, &positions)?.to_vec1::<f32>()?;
+        total -= lp.iter().map(|&l| l as f64).sum::<f64>();
+        count += lp.len();
     }
     if let Some(s) = lora_state {
         s.set_training(was_training);
@@ -554,8 +589,14 @@ fn reference_logprobs(
     for batch in bucket_batches(&lengths, config.token_budget, config.max_batch) {
         let members: Vec<&Example> = batch.iter().map(|&i| &data.train[i]).collect();
         let bt = batch_tensors(&members, data.pad_id, &device)?;
-        let lp = token_log_probs(&frozen.forward(&bt.inputs)?, &bt.targets)?.to_vec2::<f32>()?;
-        for (&i, mut row) in batch.iter().zip(lp) {
+        let positions = trained_positions(&bt.token_weights);
+        let lp = if positions.is_empty() {
+            Vec::new()
+        } else {
+            selected_log_probs(&frozen, &bt, &positions)?.to_vec1::<f32>()?
+        };
+        // Trained positions only (the weight formula reads no other); 0 elsewhere.
+        for (&i, mut row) in batch.iter().zip(scatter_rows(&bt, &positions, &lp)) {
             row.truncate(data.train[i].input_ids.len() - 1);
             logprobs[i] = row;
         }

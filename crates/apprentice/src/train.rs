@@ -140,31 +140,44 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_path(&base).context("loading the tokenizer")?;
     let template = ChatTemplate::from_tokenizer(&tokenizer).context("the base model's chat template")?;
     let train_file = pick(&args.dataset, config.objective.quality_weighted())?;
-    let (mut train_examples, cut) = load_jsonl(&train_file, &tokenizer, &template, config.max_len)?;
+    let (mut train_examples, load_stats) = load_jsonl(&train_file, &tokenizer, &template, config.max_len)?;
     if let Some(n) = args.limit {
         train_examples.truncate(n);
     }
     let validation_file = args.dataset.join("validation.jsonl");
-    let (validation, _) = if validation_file.is_file() {
+    let (validation, validation_stats) = if validation_file.is_file() {
         load_jsonl(&validation_file, &tokenizer, &template, config.max_len)?
     } else {
-        (Vec::new(), 0)
+        (Vec::new(), Default::default())
     };
     let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
     let size = std::fs::metadata(&base).map(|m| m.len()).unwrap_or(0);
     eprintln!(
-        "training {} on {} ({} examples, {} cut to {} tokens; {} validation) from {}, {}",
+        "training {} on {} ({} lines → {} examples: {} lines over {} tokens split at turns, {} of {} trained \
+         tokens dropped; {} validation) from {}, {}",
         config.objective.name(),
         train_file.display(),
+        load_stats.lines,
         train_examples.len(),
-        cut,
+        load_stats.split_lines,
         config.max_len,
+        load_stats.dropped_trained_tokens,
+        load_stats.trained_tokens,
         validation.len(),
         base.display(),
         config.lora.as_ref().map_or("full fine-tuning".to_string(), |l| format!("LoRA r={} alpha={}", l.rank, l.alpha)),
     );
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(args.out.join("train_config.toml"), toml::to_string_pretty(&config)?)?;
+    std::fs::write(
+        args.out.join("data.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "max_len": config.max_len,
+            "train": load_stats,
+            "validation": validation_stats,
+            "limit": args.limit,
+        }))?,
+    )?;
     let data =
         TrainingData { train: train_examples, validation, pad_id, base_id: format!("{}:{size}", base.display()) };
     let metadata = loaded.gguf_metadata.clone();
