@@ -309,3 +309,33 @@ fn tools_are_written_into_the_prompt_for_templates_without_tool_support() {
     assert!(prompt.contains("\"name\": \"move\"") && prompt.contains("<tool_call>"), "{prompt}");
     assert!(prompt.ends_with("<|im_start|>user\ngo<|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
 }
+
+/// A caller that stops waiting for a non-streamed answer frees the model at once: the next call
+/// does not wait for the abandoned one to run to its (long) end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_call_stops_generating() {
+    use apprentice_gateway::providers::{LocalProvider, ModelRequest, Provider};
+    let provider = LocalProvider::new("local", served_model().clone(), None, None).unwrap();
+    let request = |text: &str, max_tokens: u32| ModelRequest {
+        rendered: apprentice_core::RenderedRequest {
+            system: None,
+            messages: vec![apprentice_core::record::RenderedMessage {
+                role: apprentice_core::Role::User,
+                content: vec![apprentice_core::RenderedBlock::Text { text: text.into() }],
+            }],
+            tools: Vec::new(),
+        },
+        temperature: Some(0.0),
+        max_tokens: Some(max_tokens),
+        ..ModelRequest::default()
+    };
+    // This essay runs past 300 tokens greedily (≈16 s in a debug build), unless it is stopped.
+    let long = request("Write a very long essay about the history of Rome.", 4000);
+    let abandoned = tokio::time::timeout(std::time::Duration::from_millis(500), provider.infer(&long)).await;
+    assert!(abandoned.is_err(), "the long call should still have been running");
+    let started = std::time::Instant::now();
+    let answer = provider.infer(&request("Hi", 2)).await.unwrap();
+    assert_eq!(answer.usage.output_tokens, 2);
+    let waited = started.elapsed();
+    assert!(waited < std::time::Duration::from_secs(5), "the next call waited {waited:?}");
+}

@@ -179,6 +179,7 @@ pub fn shared_model(path: &Path) -> Result<Arc<LocalModel>, String> {
 }
 
 /// One configured local provider: a shared model, this provider's context limit and threads.
+#[derive(Clone)]
 pub struct LocalProvider {
     name: String,
     model: Arc<LocalModel>,
@@ -397,12 +398,7 @@ impl Provider for LocalProvider {
                 }
             }
         };
-        let provider = LocalProvider {
-            name: self.name.clone(),
-            model: self.model.clone(),
-            max_context: self.max_context,
-            pool: self.pool.clone(),
-        };
+        let provider = self.clone();
         tokio::spawn(async move {
             let generation = match provider.run(job, on_event).await {
                 Ok(generation) => generation,
