@@ -11,6 +11,7 @@ use apprentice_core::{Config, InferenceOutput, MetricLevel};
 use apprentice_store::{InferenceBody, InferenceHead, SqliteStore};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::example::{openai_messages, openai_tools, Example};
@@ -178,7 +179,7 @@ impl Dataset {
 /// One inference's contribution, before duplicates and task caps are applied.
 enum Built {
     InvalidJson,
-    Example(Box<Example>, String),
+    Example(Box<Example>, [u8; 32]),
 }
 
 /// Curates from one store. Built from a [`Config`] (metric levels, templates, functions), or from
@@ -284,11 +285,13 @@ impl<'a> Curator<'a> {
                     return Ok(Built::InvalidJson);
                 }
                 let example = self.example(spec, function, head, body, output, demonstration.is_some())?;
-                // The serialized messages and tools identify an example exactly.
-                let key = serde_json::to_string(&(&example.messages, &example.tools)).map_err(|e| {
+                // The serialized messages and tools identify an example; their sha256 stands for
+                // them, so a million examples need no million strings to compare.
+                let mut key = Sha256::new();
+                serde_json::to_writer(&mut key, &(&example.messages, &example.tools)).map_err(|e| {
                     CurateError::Unsupported { inference: body.id, message: format!("cannot be written as JSON: {e}") }
                 })?;
-                Ok(Built::Example(Box::new(example), key))
+                Ok(Built::Example(Box::new(example), key.finalize().into()))
             })
             .collect();
         drop(bodies);
