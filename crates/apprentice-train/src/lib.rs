@@ -2,6 +2,7 @@
 //! `iw-sft-q`), LoRA or full fine-tuning, AdamW with a cosine schedule, length-bucketed batches,
 //! durable checkpoints with bit-for-bit resume, metrics, loss curves and the final export.
 
+pub mod bench;
 pub mod data;
 pub mod objective;
 pub mod optim;

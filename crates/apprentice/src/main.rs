@@ -1,5 +1,6 @@
 //! The `apprentice` command line: each command is a thin call into a library crate.
 
+mod bench_train;
 mod curate;
 mod demo;
 mod envs;
@@ -82,6 +83,8 @@ enum Bench {
     },
     /// Curation over a large synthetic history: fill a store, curate by an episode metric, export.
     Curate(curate::BenchCurateArgs),
+    /// LoRA training tokens/s of the student next to PyTorch + transformers + peft, and peak memory.
+    Train(bench_train::BenchTrainArgs),
     /// Latency the gateway adds (p50/p99) against a loopback upstream, direct vs through the gateway.
     Gateway {
         #[arg(long, default_value_t = 2000)]
@@ -128,7 +131,10 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    if matches!(cli.command, Command::Curate(_) | Command::Bench { bench: Bench::Curate(_) }) {
+    if matches!(
+        cli.command,
+        Command::Curate(_) | Command::Train(_) | Command::Bench { bench: Bench::Curate(_) | Bench::Train(_) }
+    ) {
         keep_freed_memory();
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -180,6 +186,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())
         }
         Command::Bench { bench: Bench::Curate(args) } => curate::bench(args).await,
+        Command::Bench { bench: Bench::Train(args) } => bench_train::run(args),
         Command::Bench {
             bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json },
         } => {
