@@ -4,6 +4,7 @@
 //!
 //! Each module owns its error type; nothing here knows about the gateway or the store.
 
+pub mod bench;
 pub mod cache;
 pub mod chat_template;
 pub mod config;

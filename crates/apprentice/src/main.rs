@@ -1,5 +1,6 @@
 //! The `apprentice` command line: each command is a thin call into a library crate.
 
+mod bench_model;
 mod bench_train;
 mod curate;
 mod demo;
@@ -83,6 +84,8 @@ enum Bench {
     },
     /// Curation over a large synthetic history: fill a store, curate by an episode metric, export.
     Curate(curate::BenchCurateArgs),
+    /// Prompt and decode tokens/s of the student model next to transformers and llama.cpp.
+    Model(bench_model::BenchModelArgs),
     /// LoRA training tokens/s of the student next to PyTorch + transformers + peft, and peak memory.
     Train(bench_train::BenchTrainArgs),
     /// Latency the gateway adds (p50/p99) against a loopback upstream, direct vs through the gateway.
@@ -137,6 +140,9 @@ fn main() -> anyhow::Result<()> {
     ) {
         keep_freed_memory();
     }
+    if let Command::Bench { bench: Bench::Model(args) } = &cli.command {
+        bench_model::set_threads(args);
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(run(cli.command))
 }
@@ -186,6 +192,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())
         }
         Command::Bench { bench: Bench::Curate(args) } => curate::bench(args).await,
+        Command::Bench { bench: Bench::Model(args) } => bench_model::run(args),
         Command::Bench { bench: Bench::Train(args) } => bench_train::run(args),
         Command::Bench {
             bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json },
