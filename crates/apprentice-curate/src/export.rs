@@ -8,7 +8,7 @@ use std::path::Path;
 use apprentice_core::DatasetRecord;
 use rayon::prelude::*;
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::dataset::Dataset;
@@ -43,12 +43,8 @@ fn line_bodies(examples: &[Example]) -> Result<Vec<String>, CurateError> {
     examples
         .par_iter()
         .map(|example| {
-            let mut line = Map::new();
-            line.insert("messages".into(), Value::Array(example.messages.clone()));
-            if !example.tools.is_empty() {
-                line.insert("tools".into(), Value::Array(example.tools.clone()));
-            }
-            let mut text = serde_json::to_string(&Value::Object(line)).map_err(|e| CurateError::Unsupported {
+            let line = Line { messages: &example.messages, tools: &example.tools };
+            let mut text = serde_json::to_string(&line).map_err(|e| CurateError::Unsupported {
                 inference: example.inference_id,
                 message: format!("cannot be written as JSON: {e}"),
             })?;
@@ -56,6 +52,14 @@ fn line_bodies(examples: &[Example]) -> Result<Vec<String>, CurateError> {
             Ok(text)
         })
         .collect()
+}
+
+/// An exported line without its weight, borrowing the example's messages and tools.
+#[derive(Serialize)]
+struct Line<'a> {
+    messages: &'a [Value],
+    #[serde(skip_serializing_if = "<[Value]>::is_empty")]
+    tools: &'a [Value],
 }
 
 fn join_lines(examples: &[Example], bodies: &[String], weighted: bool) -> String {
