@@ -11,6 +11,7 @@ pub mod config;
 pub mod generate;
 pub mod llama;
 pub mod load;
+pub mod ops;
 pub mod save;
 pub mod tokenizer;
 

@@ -1,8 +1,8 @@
 //! A llama-family decoder (Llama/SmolLM2, Qwen2) that autograd reaches end to end.
 //!
-//! Every op here has a backward pass: `ops::softmax` rather than `softmax_last_dim`,
-//! `ops::rms_norm_slow` and a hand-written rotary embedding rather than the fused kernels, which
-//! return tensors detached from the graph. The forward pass returns logits for all positions, and the KV cache
+//! Every op here has a backward pass. RMSNorm, rotary, attention softmax, SwiGLU and projections
+//! through frozen weights use the fused kernels of [`crate::ops`] on the CPU (candle's own fused
+//! kernels return tensors detached from the graph). The forward pass returns logits for all positions, and the KV cache
 //! lives outside the model, so the same module serves training and generation.
 //!
 //! Rotary layout: one layout everywhere, the HF "half-split" one (dimension `i` pairs with
@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Embedding, Init, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 
@@ -146,19 +146,17 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.lora {
-            None => Ok(self.inner.forward(x)?),
-            Some(lora) => {
-                // Autograd through a frozen weight would also compute that weight's gradient
-                // (candle's matmul backward computes both sides): a third of the step's work.
-                let y = if x.device().is_cpu() && x.dtype() == DType::F32 && !self.weight().is_variable() {
-                    frozen_linear(x, self.weight(), self.bias())?
-                } else {
-                    self.inner.forward(x)?
-                };
-                Ok((y + lora.forward(x)?)?)
-            }
-        }
+        // A frozen weight gets no gradient: `frozen_matmul` skips the weight's half of the
+        // backward pass that candle's matmul would compute and throw away.
+        let y = crate::ops::frozen_matmul(x, self.weight())?;
+        let y = match self.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        Ok(match &self.lora {
+            None => y,
+            Some(lora) => (y + lora.forward(x)?)?,
+        })
     }
 
     fn detached(&self) -> Self {
@@ -179,52 +177,6 @@ impl Linear {
     }
 }
 
-/// `x Wᵀ + b` for a weight that gets no gradient: the backward pass computes only the input's
-/// gradient (`grad · W`), not the weight's. CPU, f32.
-fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let in_dim = *dims.last().ok_or_else(|| LlamaError::Input("linear input has no dimensions".into()))?;
-    let rows = x.elem_count() / in_dim.max(1);
-    let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-    let y = x2.apply_op1(FrozenMatmul { weight: weight.detach() })?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("non-empty") = weight.dim(0)?;
-    let y = y.reshape(out_dims)?;
-    Ok(match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
-}
-
-struct FrozenMatmul {
-    weight: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let data = storage.as_slice::<f32>()?;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul needs a contiguous input".into()))?;
-        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
-        let y = x.matmul(&self.weight.t()?)?;
-        let shape = y.shape().clone();
-        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.weight)?))
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -242,7 +194,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?)
+        Ok(crate::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
@@ -280,16 +232,6 @@ impl Rotary {
         let sin = Tensor::from_vec(sin, (rows, 1, t, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
-}
-
-/// Half-split rotation of `x: [B, H, T, head_dim]`: dimension `i` pairs with `i + head_dim/2`.
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated_1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let rotated_2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Ok(Tensor::cat(&[rotated_1, rotated_2], D::Minus1)?)
 }
 
 #[derive(Debug, Clone)]
@@ -331,8 +273,8 @@ impl Attention {
         let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
         let k = self.k_proj.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?;
         let v = self.v_proj.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
-        let q = apply_rotary(&q.contiguous()?, cos, sin)?;
-        let k = apply_rotary(&k.contiguous()?, cos, sin)?;
+        let q = crate::ops::rotary(&q, cos, sin)?;
+        let k = crate::ops::rotary(&k, cos, sin)?;
 
         let (k, v) = match cache {
             None => (k, v),
@@ -351,7 +293,7 @@ impl Attention {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         let out = probs.reshape((b, kv, group * t, s))?.matmul(&v)?;
         let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&out)
@@ -377,9 +319,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?)
     }
 }
 

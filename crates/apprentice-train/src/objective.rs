@@ -18,7 +18,7 @@
 //! `render_record` (message weight × example weight) replace the binary mask inside the sums
 //! (`n_b` still counts trained tokens).
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,12 +305,7 @@ pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor, Obje
             logits.dims()
         )));
     }
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let index = targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?.contiguous()?;
-    let picked = shifted.gather(&index, D::Minus1)?;
-    Ok((picked - lse)?.squeeze(D::Minus1)?)
+    Ok(apprentice_model::ops::log_softmax_gather(&logits, targets)?)
 }
 
 /// `−Σ c ⊙ log_probs` as a scalar tensor; `c` has no gradient.
