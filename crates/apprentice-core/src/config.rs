@@ -170,17 +170,43 @@ fn default_timeout_s() -> f64 {
     120.0
 }
 
-/// Price per million tokens, in whatever currency the user keeps books in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+/// What a model's calls cost, in whatever currency the user keeps books in: per million tokens
+/// (hosted APIs), per hour of the machine that computes them (a local model: each call is charged
+/// its measured wall time), or both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Price {
+    #[serde(default)]
     pub input_per_million: f64,
+    #[serde(default)]
     pub output_per_million: f64,
+    #[serde(default)]
+    pub per_hour: f64,
 }
 
 impl Price {
-    pub fn cost(&self, input_tokens: u32, output_tokens: u32) -> f64 {
+    pub fn cost(&self, input_tokens: u32, output_tokens: u32, compute_ms: f64) -> f64 {
         (input_tokens as f64 * self.input_per_million + output_tokens as f64 * self.output_per_million) / 1e6
+            + compute_ms / 3_600_000.0 * self.per_hour
+    }
+
+    /// How the cost is computed, for reports.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.input_per_million > 0.0 || self.output_per_million > 0.0 {
+            parts.push(format!(
+                "{} per M input tokens, {} per M output tokens",
+                self.input_per_million, self.output_per_million
+            ));
+        }
+        if self.per_hour > 0.0 {
+            parts.push(format!("{} per hour of measured compute", self.per_hour));
+        }
+        if parts.is_empty() {
+            "free".to_string()
+        } else {
+            parts.join(" + ")
+        }
     }
 }
 
@@ -590,7 +616,7 @@ impl Resolver<'_> {
             }
         }
         if let Some(price) = raw.price {
-            if price.input_per_million < 0.0 || price.output_per_million < 0.0 {
+            if price.input_per_million < 0.0 || price.output_per_million < 0.0 || price.per_hour < 0.0 {
                 return Err(self.err(format!("models.{name}.price"), "prices must not be negative"));
             }
         }

@@ -69,7 +69,10 @@ fn valid_config_loads_with_everything_resolved() {
     assert!(
         matches!(&teacher.providers[1].1, ProviderConfig::Anthropic { api_key_env, .. } if api_key_env == "ANTHROPIC_API_KEY")
     );
-    assert!((teacher.price.unwrap().cost(1_000_000, 1_000_000) - 2.0).abs() < 1e-12);
+    assert!((teacher.price.unwrap().cost(1_000_000, 1_000_000, 0.0) - 2.0).abs() < 1e-12);
+    // A local model is charged its measured compute time: 30 minutes at 0.5 per hour.
+    let local = apprentice_core::config::Price { per_hour: 0.5, ..Default::default() };
+    assert!((local.cost(1000, 1000, 1_800_000.0) - 0.25).abs() < 1e-12);
     let act = config.function("babyai::act").unwrap();
     assert_eq!(act.kind, FunctionKind::Chat);
     assert_eq!(config.tools_of(act)[0].name, "move");

@@ -31,8 +31,14 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("c.db"), WriteMode::Durable).await.unwrap());
         let recorder = Arc::new(Recorder::spawn(store.clone(), WriteMode::Durable, 4096, None));
-        let options =
-            RolloutOptions { split: Split::Train, start_index: 0, episodes: EPISODES, concurrency: 4, seed: 5 };
+        let options = RolloutOptions {
+            split: Split::Train,
+            start_index: 0,
+            episodes: EPISODES,
+            concurrency: 4,
+            seed: 5,
+            tags: Default::default(),
+        };
         let rollout =
             rollout(BabyAi::new, &Policy::Expert { epsilon: 0.5 }, Some(recorder), &options, |_| {}).await.unwrap();
         let failures = rollout.episodes.iter().filter(|e| !e.success).count();
@@ -468,7 +474,14 @@ async fn top_episodes_per_task_keeps_the_best_of_each_task() {
     let f = Fixture::new().await;
     // Play the same tasks again with other noise, so every task has two episodes.
     let recorder = Arc::new(Recorder::spawn(f.store.clone(), WriteMode::Durable, 4096, None));
-    let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: EPISODES, concurrency: 4, seed: 99 };
+    let options = RolloutOptions {
+        split: Split::Train,
+        start_index: 0,
+        episodes: EPISODES,
+        concurrency: 4,
+        seed: 99,
+        tags: Default::default(),
+    };
     let second =
         rollout(BabyAi::new, &Policy::Expert { epsilon: 0.5 }, Some(recorder), &options, |_| {}).await.unwrap();
     let mut by_task: BTreeMap<&str, Vec<&apprentice_envs::rollout::EpisodeSummary>> = BTreeMap::new();

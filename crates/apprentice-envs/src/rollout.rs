@@ -110,6 +110,8 @@ pub struct RolloutOptions {
     pub concurrency: usize,
     /// Seeds the noise of a noisy expert; episode i's noise depends only on (seed, task).
     pub seed: u64,
+    /// Added to every step's tags (with `env` and `task`), e.g. an evaluation run's id.
+    pub tags: BTreeMap<String, String>,
 }
 
 /// How one episode went, as the env judged it.
@@ -192,7 +194,7 @@ where
         .map(|task| {
             let (sink, make_env, on_episode) = (&sink, &make_env, &on_episode);
             async move {
-                let summary = play_episode(make_env(), task, policy, sink, options.seed).await?;
+                let summary = play_episode(make_env(), task, policy, sink, options).await?;
                 on_episode(&summary);
                 Ok(summary)
             }
@@ -219,15 +221,18 @@ async fn play_episode<E: Env>(
     task: TaskId,
     policy: &Policy,
     sink: &Sink,
-    seed: u64,
+    options: &RolloutOptions,
 ) -> Result<EpisodeSummary, RolloutError> {
-    let mut noise = SplitMix64::new(seed ^ task.index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (task.split as u64) << 63);
+    let mut noise =
+        SplitMix64::new(options.seed ^ task.index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (task.split as u64) << 63);
     let mut observation = env.reset(task)?;
     let mut episode_id = match sink {
         Sink::Expert(_) => Some(new_id()),
         Sink::Gateway(_) => None,
     };
-    let tags = BTreeMap::from([("env".to_string(), env.spec().name.clone()), ("task".to_string(), task.to_string())]);
+    let mut tags = options.tags.clone();
+    tags.insert("env".to_string(), env.spec().name.clone());
+    tags.insert("task".to_string(), task.to_string());
     let mut steps = 0;
     loop {
         let started = Instant::now();

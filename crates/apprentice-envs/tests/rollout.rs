@@ -148,7 +148,14 @@ async fn check_recorded(store: &dyn Store, summary: &RolloutSummary) {
 #[tokio::test]
 async fn noisy_expert_rollout_records_every_step_with_feedback() {
     let (_dir, store, recorder) = expert_store().await;
-    let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: 60, concurrency: 4, seed: 7 };
+    let options = RolloutOptions {
+        split: Split::Train,
+        start_index: 0,
+        episodes: 60,
+        concurrency: 4,
+        seed: 7,
+        tags: Default::default(),
+    };
     let policy: Policy = "expert?epsilon=0.5".parse().unwrap();
     let summary = rollout(Corridor::new, &policy, Some(recorder.clone()), &options, |_| {}).await.unwrap();
 
@@ -175,7 +182,14 @@ async fn noisy_expert_rollout_records_every_step_with_feedback() {
 async fn same_seed_gives_the_same_noisy_rollout() {
     let run = || async {
         let (_dir, _store, recorder) = expert_store().await;
-        let options = RolloutOptions { split: Split::Test, start_index: 5, episodes: 20, concurrency: 3, seed: 11 };
+        let options = RolloutOptions {
+            split: Split::Test,
+            start_index: 5,
+            episodes: 20,
+            concurrency: 3,
+            seed: 11,
+            tags: Default::default(),
+        };
         let summary =
             rollout(Corridor::new, &Policy::Expert { epsilon: 0.3 }, Some(recorder), &options, |_| {}).await.unwrap();
         summary.episodes.iter().map(|e| (e.task.clone(), e.steps, e.success)).collect::<Vec<_>>()
@@ -188,7 +202,14 @@ async fn gateway_policy_with_a_mock_llm_records_the_same_way() {
     let (server, store, _dir) = gateway_with_mock_llm(&Corridor::new().spec, "forward").await;
 
     let policy = Policy::gateway(&server.url(), "function::corridor::act").unwrap();
-    let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: 6, concurrency: 3, seed: 0 };
+    let options = RolloutOptions {
+        split: Split::Train,
+        start_index: 0,
+        episodes: 6,
+        concurrency: 3,
+        seed: 0,
+        tags: Default::default(),
+    };
     let summary = rollout(Corridor::new, &policy, None, &options, |_| {}).await.unwrap();
     assert!(summary.episodes.iter().all(|e| e.success), "always forward always succeeds");
 
@@ -210,7 +231,14 @@ async fn gateway_policy_with_a_mock_llm_records_the_same_way() {
 #[tokio::test]
 async fn babyai_noisy_expert_rollout_of_200_episodes_lands_in_the_store() {
     let (_dir, store, recorder) = expert_store().await;
-    let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: 200, concurrency: 4, seed: 3 };
+    let options = RolloutOptions {
+        split: Split::Train,
+        start_index: 0,
+        episodes: 200,
+        concurrency: 4,
+        seed: 3,
+        tags: Default::default(),
+    };
     let summary =
         rollout(BabyAi::new, &Policy::Expert { epsilon: 0.3 }, Some(recorder), &options, |_| {}).await.unwrap();
     assert_eq!(summary.episodes.len(), 200);
@@ -232,7 +260,14 @@ async fn babyai_through_the_gateway_with_a_mock_llm_records_the_same_way() {
     let (server, store, _dir) = gateway_with_mock_llm(BabyAi::new().spec(), "I will turn left.").await;
 
     let policy = Policy::gateway(&server.url(), "function::babyai::act").unwrap();
-    let options = RolloutOptions { split: Split::Test, start_index: 0, episodes: 3, concurrency: 3, seed: 0 };
+    let options = RolloutOptions {
+        split: Split::Test,
+        start_index: 0,
+        episodes: 3,
+        concurrency: 3,
+        seed: 0,
+        tags: Default::default(),
+    };
     let summary = rollout(BabyAi::new, &policy, None, &options, |_| {}).await.unwrap();
     // Turning in place rarely completes a mission (only a "go to" whose target comes to face the
     // agent); failing episodes run to their step limit.

@@ -229,7 +229,10 @@ impl Gateway {
                 InferenceOutput::Json(json_output(&response.content, prepared.output_schema.as_ref()))
             }
         };
-        let cost = prepared.router.price().map(|p| p.cost(response.usage.input_tokens, response.usage.output_tokens));
+        let cost = prepared
+            .router
+            .price()
+            .map(|p| p.cost(response.usage.input_tokens, response.usage.output_tokens, latency.as_secs_f64() * 1000.0));
         let record = InferenceRecord {
             id: prepared.inference_id,
             function_name: prepared.function_name,

@@ -561,10 +561,10 @@ async fn router_falls_back_and_reports_skipped_failures() {
             ),
             ("backup".into(), dummy(DummyBehavior::Fixed, Some("from backup"))),
         ],
-        price: Some(Price { input_per_million: 1.0, output_per_million: 2.0 }),
+        price: Some(Price { input_per_million: 1.0, output_per_million: 2.0, per_hour: 0.0 }),
     };
     let router = ModelRouter::from_config("maze", &config, &reqwest::Client::new()).unwrap();
-    assert_eq!(router.price(), Some(Price { input_per_million: 1.0, output_per_million: 2.0 }));
+    assert_eq!(router.price(), Some(Price { input_per_million: 1.0, output_per_million: 2.0, per_hour: 0.0 }));
     assert_eq!(router.provider_names().collect::<Vec<_>>(), ["scripted", "upstream", "backup"]);
 
     let routed = router.infer(&user_request("hi")).await.unwrap();

@@ -18,7 +18,14 @@ use serde_json::{json, Value};
 async fn babyai_store(dir: &std::path::Path) -> Arc<SqliteStore> {
     let store = Arc::new(SqliteStore::open(&dir.join("s.db"), WriteMode::Durable).await.unwrap());
     let recorder = Arc::new(Recorder::spawn(store.clone(), WriteMode::Durable, 4096, None));
-    let options = RolloutOptions { split: Split::Train, start_index: 0, episodes: 12, concurrency: 4, seed: 3 };
+    let options = RolloutOptions {
+        split: Split::Train,
+        start_index: 0,
+        episodes: 12,
+        concurrency: 4,
+        seed: 3,
+        tags: Default::default(),
+    };
     rollout(BabyAi::new, &Policy::Expert { epsilon: 0.3 }, Some(recorder.clone()), &options, |_| {}).await.unwrap();
     recorder.shutdown().await.unwrap();
     store

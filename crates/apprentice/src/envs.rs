@@ -117,6 +117,7 @@ pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
         episodes: args.episodes,
         concurrency: args.concurrency,
         seed: args.seed,
+        tags: Default::default(),
     };
     let bar = ProgressBar::new(args.episodes).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} episodes ({per_sec}, eta {eta})")?

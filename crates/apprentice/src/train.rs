@@ -29,6 +29,9 @@ pub struct TrainArgs {
     /// Continue from OUT/checkpoint.
     #[arg(long)]
     resume: bool,
+    /// `cpu`, or `cuda` / `cuda:N` in a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// LoRA rank; 0 = full fine-tuning.
     #[arg(long)]
     lora_rank: Option<usize>,
@@ -135,7 +138,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
 
     let base = resolve_base(&args.base)?;
-    let device = candle_core::Device::Cpu;
+    let device = parse_device(&args.device)?;
     let loaded = apprentice_model::load(&base, &device).with_context(|| format!("loading {}", base.display()))?;
     let tokenizer = Tokenizer::from_path(&base).context("loading the tokenizer")?;
     let template = ChatTemplate::from_tokenizer(&tokenizer).context("the base model's chat template")?;
@@ -219,4 +222,20 @@ fn pick(dataset: &Path, weighted: bool) -> Result<PathBuf> {
         return Ok(weighted_file);
     }
     bail!("{} has neither train.jsonl nor train.weighted.jsonl", dataset.display())
+}
+
+/// `cpu`, `cuda` or `cuda:N`. Without the `cuda` feature candle reports that CUDA is not compiled
+/// in, which names the fix.
+pub fn parse_device(name: &str) -> Result<candle_core::Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("--device: expected cpu, cuda or cuda:N, got `{other}`"),
+        },
+    };
+    candle_core::Device::new_cuda(ordinal).with_context(|| {
+        format!("--device {name}: CUDA device {ordinal} is not usable (build with `cargo build --release --features cuda`; README, section CUDA)")
+    })
 }
