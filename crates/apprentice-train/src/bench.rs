@@ -5,11 +5,11 @@
 
 use std::path::Path;
 
-use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::data::Example;
+use crate::error::{Result, TrainError};
 use crate::trainer::{train, LoraSpec, TrainConfig, TrainingData};
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,14 +69,20 @@ pub fn train_throughput(
     };
     let out = std::env::temp_dir().join(format!("apprentice-bench-train-{}", std::process::id()));
     let result = train(loaded, &data, &config, &out, false);
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    let metrics_path = out.join("metrics.jsonl");
+    let metrics = std::fs::read_to_string(&metrics_path).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&out);
     let outcome = result?;
     let mut tokens = 0f64;
     let mut seconds = 0f64;
     let mut timed = 0;
-    for line in metrics.lines().skip(1) {
-        let v: serde_json::Value = serde_json::from_str(line)?;
+    // The first step is the warm-up, left out of the timing.
+    for (i, line) in metrics.lines().enumerate().skip(1) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|source| TrainError::Json {
+            path: metrics_path.clone(),
+            line: i + 1,
+            source,
+        })?;
         let t = v["tokens"].as_f64().unwrap_or(0.0);
         let rate = v["tokens_per_s"].as_f64().unwrap_or(0.0);
         if rate > 0.0 {

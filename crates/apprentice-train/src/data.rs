@@ -3,12 +3,13 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use apprentice_model::{ChatTemplate, Tokenizer};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
+
+use crate::error::{Result, TrainError};
 
 /// One rendered example: ids and, per token, its loss weight (message weight × example weight;
 /// 0 = context only).
@@ -52,7 +53,7 @@ pub fn load_jsonl(
     template: &ChatTemplate,
     max_len: usize,
 ) -> Result<(Vec<Example>, LoadStats)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(TrainError::io("reading", path))?;
     let mut examples = Vec::new();
     let mut stats = LoadStats::default();
     for (i, line) in text.lines().enumerate() {
@@ -60,11 +61,16 @@ pub fn load_jsonl(
             continue;
         }
         stats.lines += 1;
-        let record: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
-        let rendered = template
-            .render_record(tokenizer, &record)
-            .with_context(|| format!("{} line {}: cannot render", path.display(), i + 1))?;
+        let record: serde_json::Value = serde_json::from_str(line).map_err(|source| TrainError::Json {
+            path: path.to_path_buf(),
+            line: i + 1,
+            source,
+        })?;
+        let rendered = template.render_record(tokenizer, &record).map_err(|source| TrainError::Render {
+            path: path.to_path_buf(),
+            line: i + 1,
+            source,
+        })?;
         let whole = Example { input_ids: rendered.input_ids, weights: rendered.weights };
         stats.trained_tokens += whole.trained_tokens();
         if whole.input_ids.len() < 2 {
@@ -211,7 +217,7 @@ pub struct BatchTensors {
 
 pub fn batch_tensors(examples: &[&Example], pad_id: u32, device: &Device) -> Result<BatchTensors> {
     if examples.is_empty() {
-        bail!("empty batch");
+        return Err(TrainError::Data("empty batch".into()));
     }
     let len = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
     let t = len - 1;

@@ -4,10 +4,12 @@
 
 pub mod bench;
 pub mod data;
+pub mod error;
 pub mod objective;
 pub mod optim;
 pub mod plot;
 pub mod trainer;
 
+pub use error::{Result, TrainError};
 pub use objective::{Granularity, HelperPolicy, IwConfig, Objective, Reduction, WeightStats};
 pub use trainer::{train, TrainConfig, TrainOutcome, TrainingData};

@@ -2,9 +2,10 @@
 //! schedule. Its state (moments, step count) is plain data, saved in checkpoints, so a resumed
 //! run continues bit for bit.
 
-use anyhow::Result;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {

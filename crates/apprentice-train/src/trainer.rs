@@ -13,7 +13,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
 use apprentice_model::llama::LoraConfig;
 use apprentice_model::{Llama, LoadedModel, LoraState, LORA_TARGETS};
 use candle_core::{Device, Tensor, Var};
@@ -22,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::data::{batch_tensors, bucket_batches, epoch_order, BatchTensors, Example};
+use crate::error::{Result, TrainError};
 use crate::objective::{coefficients, token_log_probs, BatchNumbers, HelperPolicy, IwConfig, Objective};
 use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 
@@ -175,12 +175,12 @@ pub fn train(
     resume: bool,
 ) -> Result<TrainOutcome> {
     if data.train.is_empty() {
-        bail!("no training examples");
+        return Err(TrainError::Data("no training examples".into()));
     }
     if config.grad_accum == 0 || config.max_batch == 0 || config.token_budget == 0 {
-        bail!("grad_accum, max_batch and token_budget must be at least 1");
+        return Err(TrainError::Config("grad_accum, max_batch and token_budget must be at least 1".into()));
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(TrainError::io("creating", out))?;
     let device = loaded.model.embed_tokens.embeddings().device().clone();
 
     // The trainable model: frozen base + adapters in a fresh VarMap, or every weight.
@@ -236,20 +236,27 @@ pub fn train(
     if resume {
         let state = load_checkpoint(&checkpoint_dir, &named_vars, &mut opt, ema.as_mut())?;
         if state.config_hash != hash {
-            bail!("the checkpoint in {} was made with different settings", checkpoint_dir.display());
+            return Err(TrainError::Checkpoint(format!(
+                "the checkpoint in {} was made with different settings",
+                checkpoint_dir.display()
+            )));
         }
         start_step = state.step;
         val_losses = state.val_losses;
         truncate_metrics(&metrics_path, start_step)?;
     } else {
         if metrics_path.exists() {
-            std::fs::remove_file(&metrics_path)?;
+            std::fs::remove_file(&metrics_path).map_err(TrainError::io("removing", &metrics_path))?;
         }
         if !data.validation.is_empty() {
             val_losses.push((0, validation_loss(&model, &data.validation, config, data.pad_id, &lora_state)?));
         }
     }
-    let mut metrics = OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+    let mut metrics = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(TrainError::io("opening", &metrics_path))?;
 
     let bar = if config.progress {
         indicatif::ProgressBar::new(total_steps as u64)
@@ -403,8 +410,9 @@ pub fn train(
             tokens_per_s: step_tokens as f64 / elapsed.max(1e-9),
             elapsed_s: run_start.elapsed().as_secs_f64(),
         };
-        writeln!(metrics, "{}", serde_json::to_string(&line)?)?;
-        metrics.flush()?;
+        let text =
+            serde_json::to_string(&line).map_err(|source| TrainError::Encode { path: metrics_path.clone(), source })?;
+        writeln!(metrics, "{text}").and_then(|()| metrics.flush()).map_err(TrainError::io("writing", &metrics_path))?;
         bar.set_position(step as u64);
         bar.set_message(format!(
             "loss {:.4}{} w {:.2}/{:.2}/{:.2} {:.0} tok/s",
@@ -580,7 +588,10 @@ fn reference_logprobs(
         }
     }
     if resume {
-        bail!("resuming an iw run needs the reference cache {} of its start", path.display());
+        return Err(TrainError::Checkpoint(format!(
+            "resuming an iw run needs the reference cache {} of its start",
+            path.display()
+        )));
     }
     let frozen = model.detached();
     let device = model.embed_tokens.embeddings().device().clone();
@@ -601,20 +612,21 @@ fn reference_logprobs(
             logprobs[i] = row;
         }
     }
-    let text = serde_json::to_string(&ReferenceFile { key, logprobs })?;
+    let text = serde_json::to_string(&ReferenceFile { key, logprobs })
+        .map_err(|source| TrainError::Encode { path: path.clone(), source })?;
     write_atomic(&path, text.as_bytes())?;
-    let file: ReferenceFile = serde_json::from_str(&text)?;
+    let file: ReferenceFile =
+        serde_json::from_str(&text).map_err(|source| TrainError::JsonFile { path: path.clone(), source })?;
     Ok(file.logprobs)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        let mut f = File::create(&tmp).map_err(TrainError::io("creating", &tmp))?;
+        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(TrainError::io("writing", &tmp))?;
     }
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(&tmp, path).map_err(TrainError::io("replacing", path))?;
     Ok(())
 }
 
@@ -631,9 +643,9 @@ fn save_checkpoint(
     let dir = out.join("checkpoint");
     let old = out.join("checkpoint.old");
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+        std::fs::remove_dir_all(&tmp).map_err(TrainError::io("removing", &tmp))?;
     }
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).map_err(TrainError::io("creating", &tmp))?;
     let mut trainable = HashMap::new();
     let mut optimizer = HashMap::new();
     for (i, (name, var)) in vars.iter().enumerate() {
@@ -646,18 +658,27 @@ fn save_checkpoint(
             optimizer.insert(format!("ema.{name}"), Tensor::from_slice(&ema[i], &shape, &Device::Cpu)?);
         }
     }
-    candle_core::safetensors::save(&trainable, tmp.join("trainable.safetensors"))?;
-    candle_core::safetensors::save(&optimizer, tmp.join("optimizer.safetensors"))?;
-    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    for (tensors, name) in [(&trainable, "trainable.safetensors"), (&optimizer, "optimizer.safetensors")] {
+        let path = tmp.join(name);
+        candle_core::safetensors::save(tensors, &path).map_err(|source| TrainError::Tensors {
+            action: "writing",
+            path,
+            source,
+        })?;
+    }
+    let state_path = tmp.join("state.json");
+    let text = serde_json::to_string_pretty(state)
+        .map_err(|source| TrainError::Encode { path: state_path.clone(), source })?;
+    std::fs::write(&state_path, text).map_err(TrainError::io("writing", &state_path))?;
     if old.exists() {
-        std::fs::remove_dir_all(&old)?;
+        std::fs::remove_dir_all(&old).map_err(TrainError::io("removing", &old))?;
     }
     if dir.exists() {
-        std::fs::rename(&dir, &old)?;
+        std::fs::rename(&dir, &old).map_err(TrainError::io("renaming", &dir))?;
     }
-    std::fs::rename(&tmp, &dir)?;
+    std::fs::rename(&tmp, &dir).map_err(TrainError::io("renaming", &tmp))?;
     if old.exists() {
-        std::fs::remove_dir_all(&old)?;
+        std::fs::remove_dir_all(&old).map_err(TrainError::io("removing", &old))?;
     }
     Ok(())
 }
@@ -669,20 +690,34 @@ fn load_checkpoint(
     ema: Option<&mut Vec<Vec<f32>>>,
 ) -> Result<CheckpointState> {
     let dir = if dir.exists() { dir.to_path_buf() } else { dir.with_file_name("checkpoint.old") };
-    let state: CheckpointState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("state.json"))
-            .with_context(|| format!("no checkpoint to resume in {}", dir.display()))?,
-    )?;
-    let trainable = candle_core::safetensors::load(dir.join("trainable.safetensors"), &Device::Cpu)?;
-    let optimizer = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)?;
-    let get = |map: &HashMap<String, Tensor>, name: &str| -> Result<Tensor> {
-        map.get(name).cloned().with_context(|| format!("checkpoint lacks `{name}`"))
+    let state_path = dir.join("state.json");
+    let text =
+        std::fs::read_to_string(&state_path).map_err(|source| TrainError::NoCheckpoint { dir: dir.clone(), source })?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|source| TrainError::JsonFile { path: state_path, source })?;
+    let load = |name: &str| -> Result<(PathBuf, HashMap<String, Tensor>)> {
+        let path = dir.join(name);
+        match candle_core::safetensors::load(&path, &Device::Cpu) {
+            Ok(tensors) => Ok((path, tensors)),
+            Err(source) => Err(TrainError::Tensors { action: "reading", path, source }),
+        }
+    };
+    let trainable = load("trainable.safetensors")?;
+    let optimizer = load("optimizer.safetensors")?;
+    let get = |(path, map): &(PathBuf, HashMap<String, Tensor>), name: &str| -> Result<Tensor> {
+        map.get(name)
+            .cloned()
+            .ok_or_else(|| TrainError::Checkpoint(format!("checkpoint {} lacks `{name}`", path.display())))
     };
     let mut ema = ema;
     for (i, (name, var)) in vars.iter().enumerate() {
         let t = get(&trainable, name)?;
         if t.shape() != var.as_tensor().shape() {
-            bail!("checkpoint tensor `{name}` has shape {:?}, the model {:?}", t.dims(), var.as_tensor().dims());
+            return Err(TrainError::Checkpoint(format!(
+                "checkpoint tensor `{name}` has shape {:?}, the model {:?}",
+                t.dims(),
+                var.as_tensor().dims()
+            )));
         }
         var.set(&t.to_device(var.as_tensor().device())?)?;
         opt.m[i] = get(&optimizer, &format!("m.{name}"))?.flatten_all()?.to_vec1()?;
@@ -700,7 +735,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let Ok(file) = File::open(path) else { return Ok(()) };
     let mut kept = String::new();
     for line in BufReader::new(file).lines() {
-        let line = line?;
+        let line = line.map_err(TrainError::io("reading", path))?;
         let s =
             serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64()));
         if s.is_some_and(|s| s as usize <= step) {
@@ -721,7 +756,7 @@ pub fn export_model(
     out: &Path,
 ) -> Result<PathBuf> {
     if let Some(meta) = loaded_metadata {
-        std::fs::create_dir_all(out)?;
+        std::fs::create_dir_all(out).map_err(TrainError::io("creating", out))?;
         let path = out.join("model.gguf");
         apprentice_model::save_gguf(model, &path, apprentice_model::GgufDType::F32, Some(meta))?;
         return Ok(path);
@@ -737,7 +772,7 @@ pub fn export_model(
     ] {
         let src = base.join(name);
         if src.is_file() {
-            std::fs::copy(&src, dir.join(name))?;
+            std::fs::copy(&src, dir.join(name)).map_err(TrainError::io("copying", &src))?;
         }
     }
     Ok(dir)
