@@ -22,7 +22,8 @@ pub enum ReportError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingPoint {
     pub step: u64,
-    pub loss: f64,
+    /// None on the step-0 line, which holds the starting model's validation loss only.
+    pub loss: Option<f64>,
     pub val_loss: Option<f64>,
     pub weight_mean: Option<f64>,
     pub weight_min: Option<f64>,
@@ -245,7 +246,7 @@ impl Report {
             for run in &self.training_runs {
                 series.push(Series {
                     label: format!("{} train", run.name),
-                    points: run.points.iter().map(|p| (p.step as f64, p.loss)).collect(),
+                    points: run.points.iter().filter_map(|p| p.loss.map(|l| (p.step as f64, l))).collect(),
                     dashed: true,
                 });
                 series.push(Series {

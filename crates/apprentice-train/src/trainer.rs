@@ -257,6 +257,13 @@ pub fn train(
         .append(true)
         .open(&metrics_path)
         .map_err(TrainError::io("opening", &metrics_path))?;
+    if !resume {
+        // The starting model's validation loss, as step 0: the line every curve starts from.
+        if let Some(&(_, v)) = val_losses.first() {
+            let line = serde_json::json!({ "step": 0, "epoch": 0.0, "loss": null, "val_loss": v });
+            writeln!(metrics, "{line}").map_err(TrainError::io("writing", &metrics_path))?;
+        }
+    }
 
     let bar = if config.progress {
         indicatif::ProgressBar::new(total_steps as u64)

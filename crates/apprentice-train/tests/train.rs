@@ -198,8 +198,13 @@ fn a_killed_and_resumed_run_ends_with_the_same_weights_as_an_unbroken_one() {
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs after resume");
     }
     assert_eq!(unbroken.val_losses, resumed.val_losses);
-    let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap().lines().count();
-    assert_eq!(lines, 8);
+    // The starting model's validation loss (step 0), then one line per step, none repeated.
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (0..=8).collect::<Vec<_>>());
 }
 
 #[test]

@@ -47,7 +47,9 @@ async fn a_trained_student_is_exported_and_answers_through_the_gateway() {
     let exported = run.join("model.gguf");
     assert!(exported.is_file(), "{stderr}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    // Step 0 (the base model's validation loss), then one line per step.
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    assert!(metrics.starts_with(r#"{"step":0,"#), "{metrics}");
 
     // The export is a model the loader and tokenizer read, with LoRA merged (plain weights).
     let loaded = apprentice_model::load(&exported, &candle_core::Device::Cpu).expect("load the export");
