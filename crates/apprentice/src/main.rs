@@ -5,6 +5,7 @@ mod bench_train;
 mod curate;
 mod demo;
 mod envs;
+mod eval;
 mod model;
 mod train;
 
@@ -62,6 +63,11 @@ enum Command {
     Model(model::ModelArgs),
     /// Fine-tune the student on a curated dataset: sft, iw-sft, sft-q, iw-sft-q; LoRA or full.
     Train(train::TrainArgs),
+    /// Play the same env tasks with several policies (teacher, students, any variant) and compare
+    /// success, tokens, latency and cost; exit status 1 under a --fail-below threshold.
+    Eval(eval::EvalArgs),
+    /// Evaluation and training runs as a Markdown summary, a JSON file and an HTML page with plots.
+    Report(eval::ReportArgs),
     /// Benchmarks; each prints a table and can write JSON.
     Bench {
         #[command(subcommand)]
@@ -202,6 +208,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Env { command } => envs::run_env(command),
         Command::Model(args) => model::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => match eval::run_eval(args).await? {
+            eval::Verdict::Passed => Ok(()),
+            eval::Verdict::Failed(failures) => {
+                for failure in &failures {
+                    eprintln!("below threshold: {failure}");
+                }
+                std::process::exit(1);
+            }
+        },
+        Command::Report(args) => eval::run_report(args),
         Command::Bench { bench: Bench::Expert { episodes, epsilons, distractors, json } } => {
             envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())
         }

@@ -1,0 +1,228 @@
+//! `apprentice eval` (policies on env tasks) and `apprentice report` (runs as Markdown, JSON, HTML).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use apprentice_core::config::WriteMode;
+use apprentice_core::Config;
+use apprentice_envs::rollout::Policy;
+use apprentice_envs::{make_env, EnvOptions, Split};
+use apprentice_eval::{AdaptiveStopping, Contender, EvalOptions, Evaluation, Report, Threshold};
+use apprentice_gateway::{Gateway, RunningGateway};
+use apprentice_store::{Recorder, SqliteStore, Store};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "babyai")]
+    env: String,
+    #[arg(long, default_value_t = 0)]
+    distractors: usize,
+    /// End each episode (truncated) after at most this many steps.
+    #[arg(long)]
+    max_steps: Option<u32>,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Tasks per policy (the same tasks for every policy), or the most with --max-width.
+    #[arg(long, default_value_t = 50)]
+    episodes: u64,
+    #[arg(long, default_value_t = 0)]
+    start_index: u64,
+    /// A policy as NAME=SPEC, SPEC being `expert[?epsilon=E]` or `function::NAME[/VARIANT]`; repeat
+    /// for each. The first is the reference of the paired comparisons.
+    #[arg(long = "policy", required = true)]
+    policies: Vec<String>,
+    /// Gateway config: function policies are served by a gateway started from it in this process,
+    /// and every step lands in its store.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// ...or a running gateway (then --store must be that gateway's store).
+    #[arg(long, conflicts_with = "config")]
+    gateway: Option<String>,
+    #[arg(long, default_value = "apprentice.db")]
+    store: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Seeds noisy experts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tags every step (`eval_run`); default: eval-<UTC time>.
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Where evaluation.json and the report go; default: evals/<run id>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Adaptive stopping: stop a policy once its 95% success interval is at most this wide.
+    #[arg(long)]
+    max_width: Option<f64>,
+    #[arg(long, default_value_t = 20)]
+    min_episodes: usize,
+    /// Episodes between adaptive-stopping checks.
+    #[arg(long, default_value_t = 10)]
+    batch: u64,
+    /// Exit with status 1 when any policy is below, e.g. `success=0.8` (metrics: success,
+    /// success_low, mean_return). Repeatable.
+    #[arg(long = "fail-below")]
+    fail_below: Vec<Threshold>,
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Evaluation runs (folders with evaluation.json) and training runs (folders with metrics.jsonl).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    #[arg(long, default_value = "report")]
+    out: PathBuf,
+}
+
+/// The outcome the binary turns into an exit status.
+pub enum Verdict {
+    Passed,
+    Failed(Vec<String>),
+}
+
+pub async fn run_eval(args: EvalArgs) -> Result<Verdict> {
+    let split: Split = args.split.parse()?;
+    let env_options = EnvOptions { distractors: args.distractors, max_steps: args.max_steps };
+    make_env(&args.env, env_options)?;
+    let run_id = args.run_id.clone().unwrap_or_else(|| format!("eval-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S")));
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("evals").join(&run_id));
+
+    let config = args.config.as_deref().map(Config::load).transpose()?;
+    let (store_path, mode) = match &config {
+        Some(c) => (c.store.path.clone(), c.store.write_mode),
+        None => (args.store.clone(), WriteMode::Durable),
+    };
+    // The gateway (when started here) opens the store first: it runs the migrations.
+    let server = match &config {
+        Some(c) => Some(RunningGateway::start(Gateway::open(c.clone()).await?, "127.0.0.1:0".parse()?).await?),
+        None => None,
+    };
+    let url = server.as_ref().map(RunningGateway::url).or(args.gateway.clone());
+    let store = Arc::new(
+        SqliteStore::open(&store_path, mode)
+            .await
+            .with_context(|| format!("cannot open store {}", store_path.display()))?,
+    );
+    let recorder = Arc::new(Recorder::spawn(store.clone() as Arc<dyn Store>, mode, 10_000, None));
+    let contenders =
+        args.policies.iter().map(|p| contender(p, url.as_deref(), config.as_ref())).collect::<Result<Vec<_>>>()?;
+
+    let options = EvalOptions {
+        run_id: run_id.clone(),
+        split,
+        start_index: args.start_index,
+        episodes: args.episodes,
+        concurrency: args.concurrency,
+        seed: args.seed,
+        stopping: args.max_width.map(|max_width| AdaptiveStopping { max_width, min_episodes: args.min_episodes }),
+        batch: args.batch,
+    };
+    let evaluation =
+        evaluate_with_progress(&args.env, env_options, &contenders, &store, recorder.clone(), &options).await?;
+    recorder.shutdown().await?;
+    if let Some(server) = server {
+        server.shutdown().await?;
+    }
+    let report = write_evaluation(&evaluation, &[], &out)?;
+    print!("{}", report.table());
+    println!("evaluation and report: {}", out.display());
+
+    let failures: Vec<String> =
+        args.fail_below.iter().flat_map(|t| t.failures(&report.evaluations[0].summaries)).collect();
+    Ok(if failures.is_empty() { Verdict::Passed } else { Verdict::Failed(failures) })
+}
+
+/// Plays every contender with one progress bar each.
+pub async fn evaluate_with_progress(
+    env: &str,
+    env_options: EnvOptions,
+    contenders: &[Contender],
+    store: &SqliteStore,
+    recorder: Arc<Recorder>,
+    options: &EvalOptions,
+) -> Result<Evaluation> {
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} episodes ({elapsed}, eta {eta})")?
+        .progress_chars("=> ");
+    let progress: Vec<ProgressBar> = contenders
+        .iter()
+        .map(|c| {
+            let bar = bars.add(ProgressBar::new(options.episodes).with_style(style.clone()));
+            bar.set_message(c.name.clone());
+            bar
+        })
+        .collect();
+    let env_name = env.to_string();
+    let make = move || make_env(&env_name, env_options).expect("env name and options checked by the caller");
+    let on_episode = |name: &str, _: &apprentice_envs::rollout::EpisodeSummary| {
+        if let Some(i) = contenders.iter().position(|c| c.name == name) {
+            progress[i].inc(1);
+        }
+    };
+    let evaluation = apprentice_eval::evaluate(make, contenders, store, Some(recorder), options, on_episode).await?;
+    for bar in &progress {
+        bar.finish();
+    }
+    Ok(evaluation)
+}
+
+/// Writes `evaluation.json` and the report of it (plus `training` runs) into `out`.
+pub fn write_evaluation(evaluation: &Evaluation, training: &[PathBuf], out: &Path) -> Result<Report> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let path = out.join("evaluation.json");
+    std::fs::write(&path, serde_json::to_string_pretty(evaluation)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let training_runs =
+        training.iter().map(|dir| apprentice_eval::TrainingRun::load(dir)).collect::<Result<Vec<_>, _>>()?;
+    let report = Report::new(std::slice::from_ref(evaluation), training_runs);
+    report.write(out)?;
+    Ok(report)
+}
+
+/// `NAME=SPEC` → a contender, priced from the config when its variant's model has a price.
+fn contender(arg: &str, gateway: Option<&str>, config: Option<&Config>) -> Result<Contender> {
+    let Some((name, spec)) = arg.split_once('=') else {
+        bail!("--policy `{arg}`: expected NAME=SPEC, e.g. teacher=expert?epsilon=0.5 or student=function::babyai::act/sft");
+    };
+    if spec.starts_with("expert") {
+        return Ok(Contender {
+            name: name.into(),
+            policy: Policy::expert(spec)?,
+            price: Some("free (scripted)".into()),
+        });
+    }
+    let url = gateway.with_context(|| format!("--policy {name}: a function policy needs --config or --gateway"))?;
+    let policy = Policy::gateway(url, spec)?;
+    let price = match (&policy, config) {
+        (Policy::Gateway { function_name, variant_name, .. }, Some(config)) => {
+            let function = config.functions.get(function_name);
+            let variants: Vec<&apprentice_core::config::VariantConfig> = match (function, variant_name) {
+                (Some(f), Some(v)) => f.variants.get(v).into_iter().collect(),
+                (Some(f), None) => f.variants.values().collect(),
+                (None, _) => bail!("--policy {name}: the config has no function `{function_name}`"),
+            };
+            let mut prices: Vec<String> = variants
+                .iter()
+                .map(|v| match config.models.get(&v.model).and_then(|m| m.price) {
+                    Some(price) => format!("{}: {}", v.model, price.describe()),
+                    None => format!("{}: no price configured", v.model),
+                })
+                .collect();
+            prices.dedup();
+            Some(prices.join("; "))
+        }
+        _ => None,
+    };
+    Ok(Contender { name: name.into(), policy, price })
+}
+
+pub fn run_report(args: ReportArgs) -> Result<()> {
+    let report = Report::load(&args.runs)?;
+    let files = report.write(&args.out)?;
+    print!("{}", report.table());
+    println!("report: {} (also {}, {})", files.html.display(), files.markdown.display(), files.json.display());
+    Ok(())
+}
