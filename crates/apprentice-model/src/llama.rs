@@ -419,6 +419,24 @@ impl KvCache {
     pub fn positions(&self) -> &[usize] {
         &self.next_position
     }
+
+    /// Keeps the first `len` cached slots of every row, dropping the rest (a shared prefix is
+    /// reused, what followed it is not).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len() {
+            return Ok(());
+        }
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer.kv.take() {
+                layer.kv = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
+            }
+        }
+        for (valid, next) in self.valid.iter_mut().zip(&mut self.next_position) {
+            valid.truncate(len);
+            *next = valid.iter().filter(|&&v| v).count();
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]

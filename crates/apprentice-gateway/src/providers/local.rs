@@ -33,7 +33,8 @@ use apprentice_core::record::RenderedRequest;
 use apprentice_core::{ContentBlock, ToolCall, ToolDefinition, Usage};
 use apprentice_model::cache::{CacheError, ModelCache};
 use apprentice_model::{
-    generate_stream, ChatTemplate, FinishReason, GenerateOptions, Generation, Llama, StreamEvent, Tokenizer,
+    generate_stream_reusing, ChatTemplate, FinishReason, GenerateOptions, Generation, Llama, PrefixCache, StreamEvent,
+    Tokenizer,
 };
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -53,8 +54,10 @@ pub struct LocalModel {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     stop_token_ids: Vec<u32>,
-    /// One generation at a time (see the module docs).
-    busy: Mutex<()>,
+    /// One generation at a time (see the module docs), with the KV cache of the last one: an
+    /// agent's next turn extends the conversation it just had, and only the new tokens are
+    /// prefilled.
+    busy: Mutex<PrefixCache>,
 }
 
 impl std::fmt::Debug for LocalModel {
@@ -89,7 +92,7 @@ impl LocalModel {
             tokenizer,
             template,
             stop_token_ids,
-            busy: Mutex::new(()),
+            busy: Mutex::new(PrefixCache::default()),
         })
     }
 
@@ -311,16 +314,20 @@ impl LocalProvider {
             on_event(event)
         };
         let task = tokio::task::spawn_blocking(move || {
-            let _turn = model.busy.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut turn = model.busy.lock().unwrap_or_else(PoisonError::into_inner);
+            // The cache itself, not the guard, goes to the pool's thread (a guard is not Send).
+            let prefix: &mut PrefixCache = &mut turn;
             let decode = |ids: &[u32]| model.tokenizer.decode(ids, true).unwrap_or_default();
-            let generate = || {
-                generate_stream(&model.model, std::slice::from_ref(&job.prompt), &job.options, Some(&decode), on_event)
-            };
+            let generate =
+                || generate_stream_reusing(&model.model, &job.prompt, &job.options, Some(&decode), prefix, on_event);
             let result = match &pool {
                 Some(pool) => pool.install(generate),
                 None => generate(),
             };
-            result.map(|mut rows| rows.remove(0))
+            result.map(|(generation, reused)| {
+                tracing::debug!(prompt_tokens = job.prompt.len(), reused, "local generation");
+                generation
+            })
         });
         match task.await {
             Ok(Ok(generation)) => Ok(generation),
