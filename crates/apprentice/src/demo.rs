@@ -1,179 +1,378 @@
-//! `apprentice demo`: the record half of the loop on embedded defaults. A scripted application
-//! holds multi-turn support conversations through the gateway (native and OpenAI-compatible APIs),
-//! sends inference- and episode-level feedback, and the demo reads back what the store holds.
+//! `apprentice demo`: the whole curated-behaviour-cloning loop on BabyAI in one command.
+//!
+//! Each stage is the command a user would run, started as a child process of this binary and
+//! printed before it runs, so every stage can be inspected and rerun alone (the commands are also
+//! written to `DATA/commands.sh`): fetch the student base model, roll out the teacher on the train
+//! split, curate its successful episodes, train an SFT and an iw-SFT student, evaluate base model,
+//! teacher and both students on the same test tasks, and write the report.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
 
-use anyhow::{bail, Context};
-use apprentice_core::{Config, FeedbackValue};
-use apprentice_gateway::{Gateway, RunningGateway};
-use apprentice_store::InferenceQuery;
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{bail, Context, Result};
+use apprentice_envs::{make_env, EnvOptions, VariantParams};
 use serde::Serialize;
-use serde_json::{json, Value};
-
-const CONFIG: &str = include_str!("demo.toml");
-const CUSTOMERS: [&str; 4] = ["Ada", "Grace", "Linus", "Barbara"];
-const MESSAGES: [&str; 3] = ["I cannot log in.", "The reset link expired.", "It works now, thanks."];
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Folder for the demo's store and results.
-    #[arg(long, default_value = "apprentice-demo")]
-    out: PathBuf,
-    #[arg(long, default_value_t = 24)]
-    episodes: usize,
+    /// Folder for the store, datasets, runs, evaluation and report (replaced on each run).
+    #[arg(long, default_value = "apprentice-data")]
+    data: PathBuf,
+    /// Smaller numbers, same stages: under 5 minutes on a 2-core CPU.
+    #[arg(long)]
+    quick: bool,
+    /// `cpu`, or `cuda` for a build with `--features cuda`: larger numbers, students trained on the GPU.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The noisy expert's ε (probability of a random action); 0.5 with 24-step episodes succeeds
+    /// on about two thirds of the train tasks.
+    #[arg(long, default_value_t = 0.5)]
+    epsilon: f64,
+    /// A real teacher instead of the noisy expert: the name of a variant of `babyai::act` in
+    /// --teacher-config (e.g. made with `apprentice env config babyai --model teacher --variant
+    /// teacher` plus the model's section; use absolute paths in it). The demo serves it from a
+    /// copy of that config whose store is the demo's.
+    #[arg(long, requires = "teacher_config")]
+    teacher: Option<String>,
+    #[arg(long)]
+    teacher_config: Option<PathBuf>,
+    /// Price per hour of the machine that runs the students (their cost is measured compute time
+    /// at this price).
+    #[arg(long, default_value_t = 0.10)]
+    student_price_per_hour: f64,
 }
 
-#[derive(Serialize, Default)]
-struct VariantSummary {
-    inferences: u64,
-    episodes: u64,
-    resolved_episodes: u64,
-    mean_latency_ms: f64,
-    total_cost: f64,
-    mean_helpfulness: Option<f64>,
-    /// Which provider of the variant's model answered, and how often (fallback shows here).
-    answered_by: BTreeMap<String, u64>,
+/// The numbers one demo size runs with.
+#[derive(Debug, Clone, Serialize)]
+struct Plan {
+    train_episodes: u64,
+    test_episodes: u64,
+    max_steps: u32,
+    train_args: Vec<String>,
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let store_path = args.out.join("apprentice.db");
-    let _ = std::fs::remove_file(&store_path);
-    let mut config = Config::parse(CONFIG, std::path::Path::new("<embedded demo.toml>"), &args.out)?;
-    config.store.path = store_path.clone();
-    let gateway = Gateway::open(config).await?;
-    let server = RunningGateway::start(gateway.clone(), "127.0.0.1:0".parse()?).await?;
-    let client = reqwest::Client::new();
-    let url = server.url();
-
-    let bar = ProgressBar::new(args.episodes as u64)
-        .with_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} episodes")?.progress_chars("=> "));
-    bar.set_message("recording");
-    for episode in 0..args.episodes {
-        run_episode(&client, &url, episode).await.with_context(|| format!("episode {episode}"))?;
-        bar.inc(1);
-    }
-    bar.finish();
-
-    let summary = summarize(&gateway).await?;
-    server.shutdown().await?;
-    print_table(&summary);
-    let results = args.out.join("demo-results.json");
-    std::fs::write(&results, serde_json::to_string_pretty(&summary)?)?;
-    println!("\nstore: {}\nresults: {}", store_path.display(), results.display());
-    Ok(())
-}
-
-/// One support conversation: each turn extends the previous input with the answer and a new message.
-async fn run_episode(client: &reqwest::Client, url: &str, episode: usize) -> anyhow::Result<()> {
-    let customer = CUSTOMERS[episode % CUSTOMERS.len()];
-    let mut messages: Vec<Value> = Vec::new();
-    let mut episode_id: Option<String> = None;
-    for (turn, message) in MESSAGES.iter().enumerate() {
-        messages.push(json!({"role": "user", "content": {"customer": customer, "message": message}}));
-        // Alternate the two APIs so the demo records through both.
-        let (inference_id, reply) = if turn % 2 == 0 {
-            let body = json!({
-                "function_name": "support::reply",
-                "episode_id": episode_id,
-                "input": {"system": {"product": "Acme Cloud"}, "messages": messages},
-                "tags": {"source": "demo"},
-            });
-            let answer = post(client, &format!("{url}/inference"), &body).await?;
-            episode_id = answer["episode_id"].as_str().map(str::to_string);
-            (answer["inference_id"].clone(), answer["content"][0]["text"].as_str().unwrap_or_default().to_string())
+impl Plan {
+    fn new(quick: bool, device: &str) -> Self {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        if quick {
+            Plan {
+                train_episodes: 24,
+                test_episodes: 4,
+                max_steps: 12,
+                train_args: args(&["--max-steps", "4", "--lr", "1e-3", "--eval-every", "0", "--checkpoint-every", "0"]),
+            }
+        } else if device.starts_with("cuda") {
+            Plan {
+                train_episodes: 1200,
+                test_episodes: 200,
+                max_steps: 24,
+                train_args: args(&["--epochs", "2", "--lr", "5e-4", "--grad-accum", "4", "--eval-every", "50"]),
+            }
         } else {
-            let mut openai_messages = vec![json!({"role": "system", "content": {"product": "Acme Cloud"}})];
-            openai_messages.extend(messages.iter().cloned());
-            let body = json!({"model": "function::support::reply", "messages": openai_messages, "episode_id": episode_id, "tags": {"source": "demo"}});
-            let answer = post(client, &format!("{url}/v1/chat/completions"), &body).await?;
-            (answer["id"].clone(), answer["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string())
-        };
-        messages.push(json!({"role": "assistant", "content": reply.clone()}));
-        // A stand-in for a human rating: longer answers count as more helpful.
-        let helpfulness = (reply.split_whitespace().count() as f64 / 12.0).min(1.0);
-        post(
-            client,
-            &format!("{url}/feedback"),
-            &json!({"metric_name": "helpfulness", "inference_id": inference_id, "value": helpfulness}),
-        )
-        .await?;
-    }
-    let resolved = !episode.is_multiple_of(3);
-    post(
-        client,
-        &format!("{url}/feedback"),
-        &json!({"metric_name": "resolved", "episode_id": episode_id, "value": resolved}),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn post(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<Value> {
-    let response = client.post(url).json(body).send().await?;
-    let status = response.status();
-    let answer: Value = response.json().await?;
-    if !status.is_success() {
-        bail!("{url} answered {status}: {answer}");
-    }
-    Ok(answer)
-}
-
-async fn summarize(gateway: &Gateway) -> anyhow::Result<BTreeMap<String, VariantSummary>> {
-    let inferences = gateway
-        .store
-        .inferences(&InferenceQuery { function_name: Some("support::reply".into()), ..Default::default() })
-        .await?;
-    let mut summary: BTreeMap<String, VariantSummary> = BTreeMap::new();
-    let mut helpfulness: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let mut episodes: BTreeMap<String, BTreeMap<uuid::Uuid, bool>> = BTreeMap::new();
-    for inference in &inferences {
-        let row = summary.entry(inference.variant_name.clone()).or_default();
-        row.inferences += 1;
-        *row.answered_by.entry(inference.provider_name.clone()).or_default() += 1;
-        row.mean_latency_ms += inference.latency_ms;
-        row.total_cost += inference.cost.unwrap_or(0.0);
-        for feedback in gateway.store.feedback_for(inference.id).await? {
-            if let FeedbackValue::Float(v) = feedback.value {
-                helpfulness.entry(inference.variant_name.clone()).or_default().push(v);
+            Plan {
+                train_episodes: 140,
+                test_episodes: 30,
+                max_steps: 24,
+                train_args: args(&["--epochs", "1", "--lr", "5e-4", "--grad-accum", "4", "--eval-every", "0"]),
             }
         }
-        let seen = episodes.entry(inference.variant_name.clone()).or_default();
-        if let std::collections::btree_map::Entry::Vacant(slot) = seen.entry(inference.episode_id) {
-            let feedback = gateway.store.feedback_for(inference.episode_id).await?;
-            slot.insert(feedback.iter().any(|f| f.value == FeedbackValue::Boolean(true)));
-        }
     }
-    for (variant, row) in summary.iter_mut() {
-        row.mean_latency_ms /= row.inferences.max(1) as f64;
-        let values = helpfulness.get(variant).cloned().unwrap_or_default();
-        row.mean_helpfulness = (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
-        let seen = episodes.get(variant).cloned().unwrap_or_default();
-        row.episodes = seen.len() as u64;
-        row.resolved_episodes = seen.values().filter(|r| **r).count() as u64;
-    }
-    Ok(summary)
 }
 
-fn print_table(summary: &BTreeMap<String, VariantSummary>) {
+#[derive(Serialize)]
+struct StageTime {
+    stage: String,
+    command: String,
+    seconds: f64,
+}
+
+struct Stages {
+    exe: PathBuf,
+    script: String,
+    times: Vec<StageTime>,
+}
+
+impl Stages {
+    /// Runs `apprentice ARGS` as a stage, its output shown as it comes.
+    fn run(&mut self, stage: &str, args: &[String]) -> Result<()> {
+        let shown = format!("apprentice {}", args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "));
+        println!("\n== {stage} ==\n$ {shown}");
+        self.script.push_str(&format!("# {stage}\n{shown}\n"));
+        let started = Instant::now();
+        let status = Command::new(&self.exe)
+            .args(args)
+            .status()
+            .with_context(|| format!("cannot start stage `{stage}` ({})", self.exe.display()))?;
+        if !status.success() {
+            bail!("stage `{stage}` failed ({status}); rerun it alone with:\n  {shown}");
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!("({stage}: {seconds:.1} s)");
+        self.times.push(StageTime { stage: stage.into(), command: shown, seconds });
+        Ok(())
+    }
+}
+
+fn shell_quote(arg: &str) -> String {
+    if arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@".contains(c)) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+fn path_arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let plan = Plan::new(args.quick, &args.device);
+    let data = &args.data;
+    if data.exists() {
+        std::fs::remove_dir_all(data).with_context(|| format!("cannot clear {}", data.display()))?;
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
+    let data = data.canonicalize()?;
+    let store = data.join("apprentice.db");
+    let mut stages = Stages {
+        exe: std::env::current_exe().context("cannot find this executable")?,
+        script: String::new(),
+        times: Vec::new(),
+    };
     println!(
-        "\n{:<10} {:>10} {:>9} {:>9} {:>12} {:>12} {:>12}  answered by",
-        "variant", "inferences", "episodes", "resolved", "latency ms", "cost", "helpfulness"
+        "apprentice demo{}: teacher on {} BabyAI train tasks, students trained from SmolLM2-135M, {} test tasks per policy, episodes of at most {} steps; everything under {}",
+        if args.quick { " --quick" } else { "" },
+        plan.train_episodes,
+        plan.test_episodes,
+        plan.max_steps,
+        data.display()
     );
-    for (variant, row) in summary {
-        println!(
-            "{:<10} {:>10} {:>9} {:>9} {:>12.3} {:>12.6} {:>12}  {}",
-            variant,
-            row.inferences,
-            row.episodes,
-            row.resolved_episodes,
-            row.mean_latency_ms,
-            row.total_cost,
-            row.mean_helpfulness.map(|h| format!("{h:.2}")).unwrap_or_else(|| "-".into()),
-            row.answered_by.iter().map(|(p, n)| format!("{p}×{n}")).collect::<Vec<_>>().join(", ")
-        );
+    let s = |v: &str| v.to_string();
+
+    stages.run("fetch the student base model", &[s("model"), s("fetch"), s("smollm2-135m")])?;
+
+    let max_steps = plan.max_steps.to_string();
+    let teacher_policy = match &args.teacher {
+        Some(variant) => format!("function::babyai::act/{variant}"),
+        None => format!("expert?epsilon={}", args.epsilon),
+    };
+    // The teacher's config, recording into the demo's store.
+    let teacher_table = match &args.teacher_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let mut table: toml::Table =
+                text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
+            table.insert("store".into(), store_table(&store).into());
+            let copy = data.join("teacher.toml");
+            std::fs::write(&copy, toml::to_string(&table)?)?;
+            Some((copy, table))
+        }
+        None => None,
+    };
+    let mut rollout = vec![
+        s("rollout"),
+        s("--env"),
+        s("babyai"),
+        s("--split"),
+        s("train"),
+        s("--episodes"),
+        plan.train_episodes.to_string(),
+        s("--max-steps"),
+        max_steps.clone(),
+        s("--policy"),
+        teacher_policy.clone(),
+        s("--json"),
+        path_arg(&data.join("teacher-rollout.json")),
+    ];
+    match &teacher_table {
+        Some((config, _)) => rollout.extend([s("--config"), path_arg(config)]),
+        None => rollout.extend([s("--store"), path_arg(&store)]),
+    }
+    stages.run("roll out the teacher on the train split", &rollout)?;
+
+    let spec = data.join("curate.toml");
+    std::fs::write(&spec, CURATE_SPEC).with_context(|| format!("cannot write {}", spec.display()))?;
+    let datasets = data.join("datasets");
+    stages.run(
+        "curate its successful episodes (steps without progress kept as context)",
+        &[
+            s("curate"),
+            s("--spec"),
+            path_arg(&spec),
+            s("--env"),
+            s("babyai"),
+            s("--store"),
+            path_arg(&store),
+            s("--out"),
+            path_arg(&datasets),
+            s("--student"),
+            s("smollm2-135m"),
+        ],
+    )?;
+    let dataset = datasets.join("babyai-demo-v1");
+
+    let runs = data.join("runs");
+    for (objective, name) in [("sft", "sft"), ("iw-sft", "iw-sft")] {
+        let mut train = vec![
+            s("train"),
+            s("--dataset"),
+            path_arg(&dataset),
+            s("--base"),
+            s("smollm2-135m"),
+            s("--objective"),
+            s(objective),
+            s("--out"),
+            path_arg(&runs.join(name)),
+            s("--device"),
+            args.device.clone(),
+        ];
+        train.extend(plan.train_args.iter().cloned());
+        stages.run(&format!("train the {name} student"), &train)?;
+    }
+
+    let gateway_config = data.join("gateway.toml");
+    let base_model =
+        apprentice_model::cache::resolve_model("smollm2-135m").context("the base model is not in the cache")?;
+    let config = gateway_config_for(
+        teacher_table.map(|(_, table)| table).unwrap_or_default(),
+        &store,
+        &[
+            ("base", base_model.as_path()),
+            ("sft", &runs.join("sft").join("model.gguf")),
+            ("iw-sft", &runs.join("iw-sft").join("model.gguf")),
+        ],
+        args.student_price_per_hour,
+    )?;
+    std::fs::write(&gateway_config, config).with_context(|| format!("cannot write {}", gateway_config.display()))?;
+    let evaluation = data.join("eval");
+    stages.run(
+        "evaluate teacher, base model and both students on the same test tasks",
+        &[
+            s("eval"),
+            s("--config"),
+            path_arg(&gateway_config),
+            s("--env"),
+            s("babyai"),
+            s("--split"),
+            s("test"),
+            s("--episodes"),
+            plan.test_episodes.to_string(),
+            s("--max-steps"),
+            max_steps,
+            s("--run-id"),
+            s("demo"),
+            s("--policy"),
+            format!("teacher={teacher_policy}"),
+            s("--policy"),
+            s("base=function::babyai::act/base"),
+            s("--policy"),
+            s("sft=function::babyai::act/sft"),
+            s("--policy"),
+            s("iw-sft=function::babyai::act/iw-sft"),
+            s("--out"),
+            path_arg(&evaluation),
+        ],
+    )?;
+    let report = data.join("report");
+    stages.run(
+        "write the report",
+        &[
+            s("report"),
+            path_arg(&evaluation),
+            path_arg(&runs.join("sft")),
+            path_arg(&runs.join("iw-sft")),
+            s("--out"),
+            path_arg(&report),
+        ],
+    )?;
+
+    let total = started.elapsed().as_secs_f64();
+    std::fs::write(data.join("commands.sh"), format!("#!/bin/sh\nset -e\n{}", stages.script))?;
+    let summary = serde_json::json!({ "plan": plan, "stages": stages.times, "total_s": total });
+    std::fs::write(data.join("demo.json"), serde_json::to_string_pretty(&summary)?)?;
+    println!("\n== stage times ==");
+    for t in &stages.times {
+        println!("{:>8.1} s  {}", t.seconds, t.stage);
+    }
+    println!(
+        "{total:>8.1} s  total\n\nreport: {}\ncommands to rerun any stage: {}",
+        report.join("report.html").display(),
+        data.join("commands.sh").display()
+    );
+    Ok(())
+}
+
+/// Curates the teacher's successful episodes; its random detours stay in the conversation as
+/// context with weight 0 (`steps`), so the student learns the steps that made progress.
+const CURATE_SPEC: &str = r#"name = "babyai-demo"
+version = 1
+function = "babyai::act"
+validation_fraction = 0.1
+seed = 7
+packing = "auto"
+
+[selection]
+type = "boolean_metric"
+metric = "success"
+value = true
+
+[steps]
+type = "boolean_metric"
+metric = "progress"
+value = true
+
+[weighting]
+type = "sft"
+"#;
+
+fn store_table(store: &Path) -> toml::Table {
+    let mut table = toml::Table::new();
+    table.insert("path".into(), store.display().to_string().into());
+    table.insert("write_mode".into(), "durable".into());
+    table
+}
+
+/// `teacher` (a gateway config, possibly empty) plus one variant of `babyai::act` per student
+/// model, each a local model priced per hour of measured compute, recording into `store`.
+fn gateway_config_for(
+    teacher: toml::Table,
+    store: &Path,
+    students: &[(&str, &Path)],
+    price_per_hour: f64,
+) -> Result<String> {
+    let env = make_env("babyai", EnvOptions::default())?;
+    // Actions are a few tokens: a short cap keeps an untrained model from rambling.
+    let params = VariantParams { temperature: None, max_tokens: Some(8) };
+    let mut config = teacher;
+    for (name, model_path) in students {
+        let text = env.spec().gateway_config_with(name, name, &params)?;
+        let table: toml::Table = text.parse().context("the env's gateway config")?;
+        merge(&mut config, table);
+        let model: toml::Table = format!(
+            "routing = [\"local\"]\nprice = {{ per_hour = {price_per_hour} }}\n[providers.local]\ntype = \"local\"\nmodel = {}\n",
+            toml::Value::String(model_path.display().to_string())
+        )
+        .parse()
+        .context("a student's model section")?;
+        let models = config.entry("models").or_insert_with(|| toml::Table::new().into());
+        if let Some(models) = models.as_table_mut() {
+            models.insert(name.to_string(), model.into());
+        }
+    }
+    config.insert("store".into(), store_table(store).into());
+    Ok(toml::to_string(&config)?)
+}
+
+/// Merges `other` into `into`, table by table.
+fn merge(into: &mut toml::Table, other: toml::Table) {
+    for (key, value) in other {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
     }
 }
