@@ -69,6 +69,37 @@ pub struct EvalArgs {
 }
 
 #[derive(Args)]
+pub struct ReplayArgs {
+    /// The function whose recorded calls are replayed.
+    #[arg(long)]
+    function: String,
+    /// Only calls recorded by this variant.
+    #[arg(long)]
+    from_variant: Option<String>,
+    /// The candidate variant: each call's structured input is rendered with its templates.
+    #[arg(long)]
+    variant: String,
+    /// exact, regex:PATTERN, json-field:/POINTER, tool-call or judge:FUNCTION; repeatable.
+    #[arg(long = "evaluator", required = true)]
+    evaluators: Vec<String>,
+    /// Gateway config: started in this process, recording into its store.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// ...or a running gateway (then --store must be that gateway's store).
+    #[arg(long, conflicts_with = "config")]
+    gateway: Option<String>,
+    #[arg(long, default_value = "apprentice.db")]
+    store: PathBuf,
+    #[arg(long)]
+    limit: Option<u64>,
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Also write every item and the means as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub struct ReportArgs {
     /// Evaluation runs (folders with evaluation.json) and training runs (folders with metrics.jsonl).
     #[arg(required = true)]
@@ -224,5 +255,62 @@ pub fn run_report(args: ReportArgs) -> Result<()> {
     let files = report.write(&args.out)?;
     print!("{}", report.table());
     println!("report: {} (also {}, {})", files.html.display(), files.markdown.display(), files.json.display());
+    Ok(())
+}
+
+pub async fn run_replay(args: ReplayArgs) -> Result<()> {
+    let evaluators =
+        args.evaluators.iter().map(|e| e.parse::<apprentice_eval::Evaluator>()).collect::<Result<Vec<_>, _>>()?;
+    let config = args.config.as_deref().map(Config::load).transpose()?;
+    let (store_path, mode) = match &config {
+        Some(c) => (c.store.path.clone(), c.store.write_mode),
+        None => (args.store.clone(), WriteMode::Durable),
+    };
+    let server = match &config {
+        Some(c) => Some(RunningGateway::start(Gateway::open(c.clone()).await?, "127.0.0.1:0".parse()?).await?),
+        None => None,
+    };
+    let url = match (&server, &args.gateway) {
+        (Some(server), _) => server.url(),
+        (None, Some(url)) => url.trim_end_matches('/').to_string(),
+        (None, None) => bail!("replay needs --config or --gateway"),
+    };
+    let store = Arc::new(
+        SqliteStore::open(&store_path, mode)
+            .await
+            .with_context(|| format!("cannot open store {}", store_path.display()))?,
+    );
+    let recorder = Recorder::spawn(store.clone() as Arc<dyn Store>, mode, 10_000, None);
+    let options = apprentice_eval::ReplayOptions {
+        run_id: args.run_id.clone().unwrap_or_else(|| format!("replay-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S"))),
+        function: args.function.clone(),
+        source_variant: args.from_variant.clone(),
+        candidate_variant: args.variant.clone(),
+        limit: args.limit,
+    };
+    let bar = ProgressBar::new_spinner()
+        .with_style(ProgressStyle::with_template("{spinner} {pos} calls replayed ({elapsed})")?);
+    let report = apprentice_eval::replay(&store, &recorder, &url, &options, &evaluators, |_| bar.inc(1)).await?;
+    bar.finish();
+    recorder.shutdown().await?;
+    if let Some(server) = server {
+        server.shutdown().await?;
+    }
+    println!(
+        "replay `{}`: {} calls of {} with variant {}",
+        report.run_id,
+        report.items.len(),
+        report.function,
+        report.candidate_variant
+    );
+    let demonstrated = report.items.iter().filter(|i| i.demonstrated).count();
+    println!("references: {} recorded outputs, {demonstrated} demonstrations", report.items.len() - demonstrated);
+    for (metric, mean) in &report.means {
+        println!("{metric:<32} {mean:.4}");
+    }
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }

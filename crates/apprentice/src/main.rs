@@ -66,6 +66,9 @@ enum Command {
     /// Play the same env tasks with several policies (teacher, students, any variant) and compare
     /// success, tokens, latency and cost; exit status 1 under a --fail-below threshold.
     Eval(eval::EvalArgs),
+    /// Re-run recorded calls' structured inputs with a candidate variant and score its outputs
+    /// against the recorded (or demonstrated) ones; scores are stored as feedback.
+    Replay(eval::ReplayArgs),
     /// Evaluation and training runs as a Markdown summary, a JSON file and an HTML page with plots.
     Report(eval::ReportArgs),
     /// Benchmarks; each prints a table and can write JSON.
@@ -217,6 +220,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Replay(args) => eval::run_replay(args).await,
         Command::Report(args) => eval::run_report(args),
         Command::Bench { bench: Bench::Expert { episodes, epsilons, distractors, json } } => {
             envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())
