@@ -122,22 +122,7 @@ pub async fn run_eval(args: EvalArgs) -> Result<Verdict> {
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("evals").join(&run_id));
 
     let config = args.config.as_deref().map(Config::load).transpose()?;
-    let (store_path, mode) = match &config {
-        Some(c) => (c.store.path.clone(), c.store.write_mode),
-        None => (args.store.clone(), WriteMode::Durable),
-    };
-    // The gateway (when started here) opens the store first: it runs the migrations.
-    let server = match &config {
-        Some(c) => Some(RunningGateway::start(Gateway::open(c.clone()).await?, "127.0.0.1:0".parse()?).await?),
-        None => None,
-    };
-    let url = server.as_ref().map(RunningGateway::url).or(args.gateway.clone());
-    let store = Arc::new(
-        SqliteStore::open(&store_path, mode)
-            .await
-            .with_context(|| format!("cannot open store {}", store_path.display()))?,
-    );
-    let recorder = Arc::new(Recorder::spawn(store.clone() as Arc<dyn Store>, mode, 10_000, None));
+    let Served { server, url, store, recorder } = serve(config.as_ref(), args.gateway.as_deref(), &args.store).await?;
     let contenders =
         args.policies.iter().map(|p| contender(p, url.as_deref(), config.as_ref())).collect::<Result<Vec<_>>>()?;
 
@@ -164,6 +149,35 @@ pub async fn run_eval(args: EvalArgs) -> Result<Verdict> {
     let failures: Vec<String> =
         args.fail_below.iter().flat_map(|t| t.failures(&report.evaluations[0].summaries)).collect();
     Ok(if failures.is_empty() { Verdict::Passed } else { Verdict::Failed(failures) })
+}
+
+/// The gateway a command talks to (started here from a config, or already running at a URL) and
+/// the store it records into, with a recorder for steps recorded directly (the expert's).
+struct Served {
+    server: Option<RunningGateway>,
+    url: Option<String>,
+    store: Arc<SqliteStore>,
+    recorder: Arc<Recorder>,
+}
+
+async fn serve(config: Option<&Config>, gateway: Option<&str>, store: &Path) -> Result<Served> {
+    let (store_path, mode) = match config {
+        Some(c) => (c.store.path.clone(), c.store.write_mode),
+        None => (store.to_path_buf(), WriteMode::Durable),
+    };
+    // The gateway (when started here) opens the store first: it runs the migrations.
+    let server = match config {
+        Some(c) => Some(RunningGateway::start(Gateway::open(c.clone()).await?, "127.0.0.1:0".parse()?).await?),
+        None => None,
+    };
+    let url = server.as_ref().map(RunningGateway::url).or(gateway.map(|u| u.trim_end_matches('/').to_string()));
+    let store = Arc::new(
+        SqliteStore::open(&store_path, mode)
+            .await
+            .with_context(|| format!("cannot open store {}", store_path.display()))?,
+    );
+    let recorder = Arc::new(Recorder::spawn(store.clone() as Arc<dyn Store>, mode, 10_000, None));
+    Ok(Served { server, url, store, recorder })
 }
 
 /// Plays every contender with one progress bar each.
@@ -262,25 +276,8 @@ pub async fn run_replay(args: ReplayArgs) -> Result<()> {
     let evaluators =
         args.evaluators.iter().map(|e| e.parse::<apprentice_eval::Evaluator>()).collect::<Result<Vec<_>, _>>()?;
     let config = args.config.as_deref().map(Config::load).transpose()?;
-    let (store_path, mode) = match &config {
-        Some(c) => (c.store.path.clone(), c.store.write_mode),
-        None => (args.store.clone(), WriteMode::Durable),
-    };
-    let server = match &config {
-        Some(c) => Some(RunningGateway::start(Gateway::open(c.clone()).await?, "127.0.0.1:0".parse()?).await?),
-        None => None,
-    };
-    let url = match (&server, &args.gateway) {
-        (Some(server), _) => server.url(),
-        (None, Some(url)) => url.trim_end_matches('/').to_string(),
-        (None, None) => bail!("replay needs --config or --gateway"),
-    };
-    let store = Arc::new(
-        SqliteStore::open(&store_path, mode)
-            .await
-            .with_context(|| format!("cannot open store {}", store_path.display()))?,
-    );
-    let recorder = Recorder::spawn(store.clone() as Arc<dyn Store>, mode, 10_000, None);
+    let Served { server, url, store, recorder } = serve(config.as_ref(), args.gateway.as_deref(), &args.store).await?;
+    let url = url.context("replay needs --config or --gateway")?;
     let options = apprentice_eval::ReplayOptions {
         run_id: args.run_id.clone().unwrap_or_else(|| format!("replay-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S"))),
         function: args.function.clone(),
