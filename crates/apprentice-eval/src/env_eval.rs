@@ -307,7 +307,8 @@ impl Threshold {
     pub fn failures(&self, summaries: &[PolicySummary]) -> Vec<String> {
         summaries
             .iter()
-            .filter(|s| !(self.measure(s) >= self.value))
+            // NaN (no episodes) fails too.
+            .filter(|s| self.measure(s).partial_cmp(&self.value).is_none_or(|o| o.is_lt()))
             .map(|s| format!("{}: {} = {:.4} is below {}", s.name, self.metric, self.measure(s), self.value))
             .collect()
     }
