@@ -156,7 +156,7 @@ pub fn split_windows(example: &Example, prefix_len: usize, turn_ends: &[usize], 
         if seg_end - start > room {
             // One segment longer than a window: keep its first trained token's context.
             let first = (start..seg_end).find(|&p| example.weights[p] > 0.0).unwrap_or(seg_end);
-            let from = if seg_end - first + 1 <= room { seg_end - room } else { first.saturating_sub(1).max(start) };
+            let from = if seg_end - first < room { seg_end - room } else { first.saturating_sub(1).max(start) };
             emit(&[0..prefix_len, from..(from + room).min(seg_end)]);
             start = seg_end;
             i += 1;
