@@ -142,8 +142,11 @@ pub struct Comparison {
 pub fn compare(a: &PolicyEvaluation, b: &PolicyEvaluation) -> Comparison {
     let (oa, ob) = (a.outcomes(), b.outcomes());
     let (xs, ys): (Vec<f64>, Vec<f64>) = oa.iter().filter_map(|(task, x)| ob.get(task).map(|y| (*x, *y))).unzip();
-    let success_difference =
-        paired_difference(&xs, &ys, Z95).unwrap_or(Interval { estimate: f64::NAN, low: f64::NAN, high: f64::NAN });
+    // A difference of success rates lies in [-1, 1]; the normal approximation can overshoot on
+    // few tasks.
+    let success_difference = paired_difference(&xs, &ys, Z95)
+        .map(|d| Interval { low: d.low.max(-1.0), high: d.high.min(1.0), ..d })
+        .unwrap_or(Interval { estimate: f64::NAN, low: f64::NAN, high: f64::NAN });
     Comparison { a: a.name.clone(), b: b.name.clone(), tasks: xs.len(), success_difference }
 }
 
@@ -311,5 +314,68 @@ impl Threshold {
             .filter(|s| self.measure(s).partial_cmp(&self.value).is_none_or(|o| o.is_lt()))
             .map(|s| format!("{}: {} = {:.4} is below {}", s.name, self.metric, self.measure(s), self.value))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str, successes: &[bool]) -> PolicyEvaluation {
+        let episodes = successes
+            .iter()
+            .enumerate()
+            .map(|(i, &success)| EpisodeResult {
+                task: format!("test/{i}"),
+                episode_id: Uuid::nil(),
+                success,
+                episode_return: 0.0,
+                steps: 1,
+                truncated: false,
+                input_tokens: 0,
+                output_tokens: 0,
+                cost: 0.0,
+                step_latency_ms: vec![1.0],
+            })
+            .collect();
+        PolicyEvaluation {
+            name: name.into(),
+            policy: "p".into(),
+            price: None,
+            episodes,
+            wall_s: 0.0,
+            stopped_early: false,
+        }
+    }
+
+    #[test]
+    fn cost_per_episode_and_per_success_add_up_the_recorded_costs() {
+        let mut p = policy("student", &[true, false, true, false]);
+        for (episode, cost) in p.episodes.iter_mut().zip([0.25, 0.5, 0.25, 1.0]) {
+            episode.cost = cost;
+            episode.input_tokens = 100;
+            episode.output_tokens = 10;
+            episode.step_latency_ms = vec![10.0, 30.0];
+        }
+        let s = p.summary();
+        assert_eq!((s.episodes, s.successes), (4, 2));
+        assert!((s.cost_per_episode - 0.5).abs() < 1e-12, "2.0 over 4 episodes");
+        assert_eq!(s.cost_per_success, Some(1.0), "2.0 over 2 successes");
+        assert_eq!((s.input_tokens_per_episode, s.output_tokens_per_episode), (100.0, 10.0));
+        assert_eq!((s.latency_p50_ms, s.latency_p95_ms), (20.0, 30.0));
+        // Nothing succeeded: no cost per success.
+        assert_eq!(policy("none", &[false, false]).summary().cost_per_success, None);
+    }
+
+    #[test]
+    fn a_difference_of_success_rates_stays_within_minus_one_and_one() {
+        // Per-task differences 1, 1, 0: mean 2/3, normal interval [0.01, 1.32] before clamping.
+        let c = compare(&policy("a", &[true, true, true]), &policy("b", &[false, false, true]));
+        let d = c.success_difference;
+        assert!((d.estimate - 2.0 / 3.0).abs() < 1e-12 && d.high == 1.0 && d.low > 0.0, "{d:?}");
+        // Tasks are matched by id: a policy that played fewer tasks is compared on those only.
+        let c = compare(&policy("a", &[true, false, true, true]), &policy("b", &[true, false]));
+        assert_eq!(c.tasks, 2);
+        assert_eq!(c.success_difference.estimate, 0.0);
     }
 }

@@ -70,6 +70,7 @@ async fn policies_play_the_same_tasks_tagged_with_the_run_and_are_compared_pairw
     assert_eq!((comparisons[0].a.as_str(), comparisons[0].b.as_str(), comparisons[0].tasks), ("noisy", "expert", 30));
     let expected = summaries[1].success.estimate - summaries[0].success.estimate;
     assert!((d.estimate - expected).abs() < 1e-12 && d.low < d.estimate && d.estimate < d.high, "{d:?}");
+    assert!(d.low >= -1.0 && d.high <= 1.0, "a difference of rates stays in [-1, 1]: {d:?}");
 
     // --fail-below: the noisy policy fails a threshold the expert passes.
     let threshold: Threshold = "success=0.9".parse().unwrap();
