@@ -135,7 +135,7 @@ impl From<Mode> for WriteMode {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // The demo's teacher fails over on purpose on every call; its summary reports that instead.
+    // The demo prints its own stage log; its stages are child processes that log as usual.
     let default_filter = if matches!(cli.command, Command::Demo(_)) { "error" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
