@@ -219,8 +219,7 @@ pub fn generate_stream_reusing(
     prefix: &mut PrefixCache,
     mut on_event: impl FnMut(StreamEvent<'_>) -> ControlFlow<()>,
 ) -> Result<(Generation, usize), GenerateError> {
-    let prompts = [prompt.to_vec()];
-    validate_prompts(model, &prompts, options, decoder)?;
+    validate_prompts(model, &[prompt], options, decoder)?;
     let mut rows = vec![RowState::new(prompt.len(), options.seed, decoder.is_some())];
     if options.max_new_tokens == 0 {
         return Ok((rows.remove(0).finish_as(FinishReason::Length), 0));
@@ -249,13 +248,13 @@ pub fn generate_stream_reusing(
 
 fn validate_prompts(
     model: &Llama,
-    prompts: &[Vec<u32>],
+    prompts: &[impl AsRef<[u32]>],
     options: &GenerateOptions,
     decoder: Option<&dyn TokenDecoder>,
 ) -> Result<(), GenerateError> {
     options.validate(decoder.is_some())?;
     let vocab = model.config().vocab_size;
-    for (row, prompt) in prompts.iter().enumerate() {
+    for (row, prompt) in prompts.iter().map(AsRef::as_ref).enumerate() {
         if prompt.is_empty() {
             return Err(GenerateError::Prompt { row, reason: "empty prompt".into() });
         }

@@ -12,16 +12,32 @@ use apprentice_envs::{make_env, Env, EnvOptions, Split, TaskId, VariantParams};
 use apprentice_store::{Recorder, SqliteStore, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Which env, and how its tasks are made: the same flags for `rollout` and `eval`.
 #[derive(clap::Args)]
-pub struct RolloutArgs {
+pub struct EnvArgs {
     #[arg(long, default_value = "babyai")]
-    env: String,
+    pub env: String,
     /// Extra objects per task (BabyAI's harder variant).
     #[arg(long, default_value_t = 0)]
-    distractors: usize,
+    pub distractors: usize,
     /// End each episode (truncated) after at most this many steps.
     #[arg(long)]
-    max_steps: Option<u32>,
+    pub max_steps: Option<u32>,
+}
+
+impl EnvArgs {
+    /// The env's options, checked by making the env once.
+    pub fn options(&self) -> anyhow::Result<EnvOptions> {
+        let options = EnvOptions { distractors: self.distractors, max_steps: self.max_steps };
+        make_env(&self.env, options)?;
+        Ok(options)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct RolloutArgs {
+    #[command(flatten)]
+    env: EnvArgs,
     #[arg(long, default_value = "train")]
     split: String,
     #[arg(long, default_value_t = 100)]
@@ -85,8 +101,7 @@ pub enum EnvCommand {
 
 pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
     let split: Split = args.split.parse()?;
-    let env_options = EnvOptions { distractors: args.distractors, max_steps: args.max_steps };
-    make_env(&args.env, env_options)?;
+    let env_options = args.env.options()?;
     let policy = if args.policy.starts_with("expert") {
         Policy::expert(&args.policy)?
     } else {
@@ -124,7 +139,7 @@ pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.set_message(args.policy.clone());
-    let env_name = args.env.clone();
+    let env_name = args.env.env.clone();
     let make = move || make_env(&env_name, env_options).expect("env name and options checked above");
     let summary = rollout(make, &policy, recorder.clone(), &options, |_| bar.inc(1)).await?;
     bar.finish();

@@ -12,17 +12,28 @@ use apprentice_eval::{AdaptiveStopping, Contender, EvalOptions, Evaluation, Repo
 use apprentice_gateway::{Gateway, RunningGateway};
 use apprentice_store::{Recorder, SqliteStore, Store};
 use clap::Args;
+
+use crate::envs::EnvArgs;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// Where function policies are served and steps recorded: the same flags for `eval` and `replay`.
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// Gateway config: a gateway is started from it in this process (so local models run here),
+    /// and every call lands in its store.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// ...or a running gateway (then --store must be that gateway's store).
+    #[arg(long, conflicts_with = "config")]
+    gateway: Option<String>,
+    #[arg(long, default_value = "apprentice.db")]
+    store: PathBuf,
+}
 
 #[derive(Args)]
 pub struct EvalArgs {
-    #[arg(long, default_value = "babyai")]
-    env: String,
-    #[arg(long, default_value_t = 0)]
-    distractors: usize,
-    /// End each episode (truncated) after at most this many steps.
-    #[arg(long)]
-    max_steps: Option<u32>,
+    #[command(flatten)]
+    env: EnvArgs,
     #[arg(long, default_value = "test")]
     split: String,
     /// Tasks per policy (the same tasks for every policy), or the most with --max-width.
@@ -34,15 +45,8 @@ pub struct EvalArgs {
     /// for each. The first is the reference of the paired comparisons.
     #[arg(long = "policy", required = true)]
     policies: Vec<String>,
-    /// Gateway config: function policies are served by a gateway started from it in this process,
-    /// and every step lands in its store.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// ...or a running gateway (then --store must be that gateway's store).
-    #[arg(long, conflicts_with = "config")]
-    gateway: Option<String>,
-    #[arg(long, default_value = "apprentice.db")]
-    store: PathBuf,
+    #[command(flatten)]
+    served: GatewayArgs,
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// Seeds noisy experts.
@@ -82,14 +86,8 @@ pub struct ReplayArgs {
     /// exact, regex:PATTERN, json-field:/POINTER, tool-call or judge:FUNCTION; repeatable.
     #[arg(long = "evaluator", required = true)]
     evaluators: Vec<String>,
-    /// Gateway config: started in this process, recording into its store.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// ...or a running gateway (then --store must be that gateway's store).
-    #[arg(long, conflicts_with = "config")]
-    gateway: Option<String>,
-    #[arg(long, default_value = "apprentice.db")]
-    store: PathBuf,
+    #[command(flatten)]
+    served: GatewayArgs,
     #[arg(long)]
     limit: Option<u64>,
     #[arg(long)]
@@ -116,13 +114,12 @@ pub enum Verdict {
 
 pub async fn run_eval(args: EvalArgs) -> Result<Verdict> {
     let split: Split = args.split.parse()?;
-    let env_options = EnvOptions { distractors: args.distractors, max_steps: args.max_steps };
-    make_env(&args.env, env_options)?;
+    let env_options = args.env.options()?;
     let run_id = args.run_id.clone().unwrap_or_else(|| format!("eval-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S")));
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("evals").join(&run_id));
 
-    let config = args.config.as_deref().map(Config::load).transpose()?;
-    let Served { server, url, store, recorder } = serve(config.as_ref(), args.gateway.as_deref(), &args.store).await?;
+    let config = args.served.config.as_deref().map(Config::load).transpose()?;
+    let Served { server, url, store, recorder } = serve(config.as_ref(), &args.served).await?;
     let contenders =
         args.policies.iter().map(|p| contender(p, url.as_deref(), config.as_ref())).collect::<Result<Vec<_>>>()?;
 
@@ -137,12 +134,12 @@ pub async fn run_eval(args: EvalArgs) -> Result<Verdict> {
         batch: args.batch,
     };
     let evaluation =
-        evaluate_with_progress(&args.env, env_options, &contenders, &store, recorder.clone(), &options).await?;
+        evaluate_with_progress(&args.env.env, env_options, &contenders, &store, recorder.clone(), &options).await?;
     recorder.shutdown().await?;
     if let Some(server) = server {
         server.shutdown().await?;
     }
-    let report = write_evaluation(&evaluation, &[], &out)?;
+    let report = write_evaluation(&evaluation, &out)?;
     print!("{}", report.table());
     println!("evaluation and report: {}", out.display());
 
@@ -160,17 +157,21 @@ struct Served {
     recorder: Arc<Recorder>,
 }
 
-async fn serve(config: Option<&Config>, gateway: Option<&str>, store: &Path) -> Result<Served> {
+/// `config` is `args.config` loaded (the caller needs it too).
+async fn serve(config: Option<&Config>, args: &GatewayArgs) -> Result<Served> {
     let (store_path, mode) = match config {
         Some(c) => (c.store.path.clone(), c.store.write_mode),
-        None => (store.to_path_buf(), WriteMode::Durable),
+        None => (args.store.clone(), WriteMode::Durable),
     };
     // The gateway (when started here) opens the store first: it runs the migrations.
     let server = match config {
         Some(c) => Some(RunningGateway::start(Gateway::open(c.clone()).await?, "127.0.0.1:0".parse()?).await?),
         None => None,
     };
-    let url = server.as_ref().map(RunningGateway::url).or(gateway.map(|u| u.trim_end_matches('/').to_string()));
+    let url = server
+        .as_ref()
+        .map(RunningGateway::url)
+        .or(args.gateway.as_deref().map(|u| u.trim_end_matches('/').to_string()));
     let store = Arc::new(
         SqliteStore::open(&store_path, mode)
             .await
@@ -181,7 +182,7 @@ async fn serve(config: Option<&Config>, gateway: Option<&str>, store: &Path) -> 
 }
 
 /// Plays every contender with one progress bar each.
-pub async fn evaluate_with_progress(
+async fn evaluate_with_progress(
     env: &str,
     env_options: EnvOptions,
     contenders: &[Contender],
@@ -214,15 +215,13 @@ pub async fn evaluate_with_progress(
     Ok(evaluation)
 }
 
-/// Writes `evaluation.json` and the report of it (plus `training` runs) into `out`.
-pub fn write_evaluation(evaluation: &Evaluation, training: &[PathBuf], out: &Path) -> Result<Report> {
+/// Writes `evaluation.json` and the report of it into `out`.
+fn write_evaluation(evaluation: &Evaluation, out: &Path) -> Result<Report> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join("evaluation.json");
     std::fs::write(&path, serde_json::to_string_pretty(evaluation)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    let training_runs =
-        training.iter().map(|dir| apprentice_eval::TrainingRun::load(dir)).collect::<Result<Vec<_>, _>>()?;
-    let report = Report::new(std::slice::from_ref(evaluation), training_runs);
+    let report = Report::new(std::slice::from_ref(evaluation), Vec::new());
     report.write(out)?;
     Ok(report)
 }
@@ -275,8 +274,8 @@ pub fn run_report(args: ReportArgs) -> Result<()> {
 pub async fn run_replay(args: ReplayArgs) -> Result<()> {
     let evaluators =
         args.evaluators.iter().map(|e| e.parse::<apprentice_eval::Evaluator>()).collect::<Result<Vec<_>, _>>()?;
-    let config = args.config.as_deref().map(Config::load).transpose()?;
-    let Served { server, url, store, recorder } = serve(config.as_ref(), args.gateway.as_deref(), &args.store).await?;
+    let config = args.served.config.as_deref().map(Config::load).transpose()?;
+    let Served { server, url, store, recorder } = serve(config.as_ref(), &args.served).await?;
     let url = url.context("replay needs --config or --gateway")?;
     let options = apprentice_eval::ReplayOptions {
         run_id: args.run_id.clone().unwrap_or_else(|| format!("replay-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S"))),
