@@ -311,6 +311,7 @@ struct RawVariant {
     top_p: Option<f64>,
     max_tokens: Option<u32>,
     seed: Option<u64>,
+    history_turns: Option<usize>,
     #[serde(default)]
     json_mode: Option<JsonMode>,
     #[serde(default)]
@@ -346,6 +347,9 @@ pub struct VariantConfig {
     pub top_p: Option<f64>,
     pub max_tokens: Option<u32>,
     pub seed: Option<u64>,
+    /// Render only the conversation's last N turns (a turn starts at a user message), so a small
+    /// model sees a short, bounded context; all of the input is still recorded.
+    pub history_turns: Option<usize>,
     pub json_mode: JsonMode,
     pub retries: RetryConfig,
 }
@@ -717,6 +721,9 @@ impl Resolver<'_> {
                     return Err(self.err(vat("temperature"), "must be between 0 and 2"));
                 }
             }
+            if variant.history_turns == Some(0) {
+                return Err(self.err(vat("history_turns"), "must be at least 1 (the current turn)"));
+            }
             let mut sources: Vec<(String, String, TemplateSource)> = Vec::new();
             for (role, source) in [
                 ("system", &variant.system_template),
@@ -762,6 +769,7 @@ impl Resolver<'_> {
                     top_p: variant.top_p,
                     max_tokens: variant.max_tokens,
                     seed: variant.seed,
+                    history_turns: variant.history_turns,
                     json_mode: variant.json_mode.unwrap_or_default(),
                     retries: variant.retries,
                 },

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use crate::config::FunctionConfig;
-use crate::content::{ContentBlock, Input, SystemInput};
+use crate::content::{ContentBlock, Input, InputMessage, Role, SystemInput};
 use crate::record::{RenderedBlock, RenderedMessage, RenderedRequest};
 use crate::templates::Templates;
 
@@ -69,8 +69,10 @@ pub fn render_input(
         }
     };
 
-    let mut messages = Vec::with_capacity(input.messages.len());
-    for (i, message) in input.messages.iter().enumerate() {
+    let history_turns = function.and_then(|f| f.variants.get(variant)).and_then(|v| v.history_turns);
+    let first = history_turns.map_or(0, |turns| first_message_of_last_turns(&input.messages, turns));
+    let mut messages = Vec::with_capacity(input.messages.len() - first);
+    for (i, message) in input.messages.iter().enumerate().skip(first) {
         let mut content = Vec::with_capacity(message.content.len());
         for (j, block) in message.content.iter().enumerate() {
             let field = || format!("input.messages[{i}].content[{j}]");
@@ -114,4 +116,19 @@ pub fn render_input(
         messages.push(RenderedMessage { role: message.role, content });
     }
     Ok(RenderedRequest { system, messages, tools: Vec::new() })
+}
+
+/// The index of the first message of the last `turns` turns. A turn starts at a user message
+/// that is not only tool results, so a tool call is never cut from its result.
+fn first_message_of_last_turns(messages: &[InputMessage], turns: usize) -> usize {
+    let starts_turn = |m: &InputMessage| {
+        m.role == Role::User && m.content.iter().any(|b| !matches!(b, ContentBlock::ToolResult(_)))
+    };
+    messages
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, m)| starts_turn(m))
+        .nth(turns.saturating_sub(1))
+        .map_or(0, |(i, _)| i)
 }

@@ -121,6 +121,7 @@ fn errors_name_file_key_and_problem() {
             "invalid JSON schema",
         ),
         (replace("max_tokens = 64", "max_tokens = \"many\""), "max_tokens", "invalid type"),
+        (replace("seed = 7", "seed = 7\nhistory_turns = 0"), "history_turns", "at least 1"),
         (replace("type = \"openai\"", "type = \"openia\""), "models.teacher.providers.openai", "unknown variant"),
         (replace("write_mode = \"async\"", "write_mode = \"eventually\""), "store.write_mode", "unknown variant"),
         (replace("[metrics.success]", "[metrics.comment]"), "`metrics.comment`", "built-in"),
@@ -201,4 +202,56 @@ fn local_providers_resolve_paths_and_name_bad_keys() {
         let err = local(settings).expect_err(settings);
         assert!(err.starts_with("apprentice.toml") && err.contains(key) && err.contains(problem), "{settings}: {err}");
     }
+}
+
+#[test]
+fn history_turns_renders_only_the_last_turns() {
+    use apprentice_core::content::{ContentBlock, Input, InputMessage, Role, SystemInput};
+    use apprentice_core::record::RenderedBlock;
+    use apprentice_core::render::render_input;
+    use apprentice_core::ToolResult;
+
+    let config = parse(&replace("seed = 7", "seed = 7\nhistory_turns = 2")).unwrap();
+    let act = config.function("babyai::act").unwrap();
+    let text = |role, text: &str| InputMessage { role, content: vec![ContentBlock::Text { text: text.into() }] };
+    let tool_result = InputMessage {
+        role: Role::User,
+        content: vec![ContentBlock::ToolResult(ToolResult { id: "1".into(), name: "move".into(), result: "ok".into() })],
+    };
+    let mut system = serde_json::Map::new();
+    system.insert("mission".into(), json!("open the door"));
+    let input = Input {
+        system: Some(SystemInput::Arguments(system)),
+        messages: vec![
+            text(Role::User, "u0"),
+            text(Role::Assistant, "a0"),
+            text(Role::User, "u1"),
+            text(Role::Assistant, "a1"),
+            // A tool result continues the turn that called the tool; it does not start one.
+            tool_result,
+            text(Role::Assistant, "a2"),
+            text(Role::User, "u3"),
+        ],
+    };
+    let texts = |variant: &str, function: Option<&apprentice_core::config::FunctionConfig>| {
+        let rendered = render_input(&config.templates, "babyai::act", function, variant, &input).unwrap();
+        assert_eq!(rendered.system.as_deref(), Some("Mission: open the door"));
+        rendered
+            .messages
+            .iter()
+            .map(|m| match &m.content[0] {
+                RenderedBlock::Text { text } => text.clone(),
+                other => format!("{other:?}").chars().take(10).collect(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let last_two = texts("teacher", Some(act));
+    assert_eq!(last_two.len(), 5, "{last_two:?}");
+    assert_eq!((last_two[0].as_str(), last_two[4].as_str()), ("u1", "u3"));
+
+    let mut whole = act.clone();
+    whole.variants.get_mut("teacher").unwrap().history_turns = None;
+    assert_eq!(texts("teacher", Some(&whole)).len(), 7);
+    whole.variants.get_mut("teacher").unwrap().history_turns = Some(10);
+    assert_eq!(texts("teacher", Some(&whole)).len(), 7, "more turns than the conversation has keep it all");
 }

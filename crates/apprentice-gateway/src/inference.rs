@@ -315,6 +315,7 @@ fn model_variant(model: &str) -> VariantConfig {
         top_p: None,
         max_tokens: None,
         seed: None,
+        history_turns: None,
         json_mode: JsonMode::Off,
         retries: Default::default(),
     }
