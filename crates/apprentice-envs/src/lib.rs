@@ -74,6 +74,21 @@ pub struct FunctionSpec {
     pub user_schema: Value,
     pub system_template: String,
     pub user_template: String,
+    /// Other ways to prompt for the same inputs, chosen by name (the default is `full`: the
+    /// templates above with the whole conversation).
+    pub prompt_styles: Vec<PromptStyle>,
+}
+
+/// Templates and context length for the same structured inputs: recorded calls can be rendered
+/// in any style, so a teacher's history trains a student prompted more briefly.
+#[derive(Debug, Clone)]
+pub struct PromptStyle {
+    pub name: String,
+    pub description: String,
+    pub system_template: String,
+    pub user_template: String,
+    /// How many of the conversation's last turns the model sees (`history_turns` of the variant).
+    pub history_turns: Option<usize>,
 }
 
 impl FunctionSpec {
@@ -104,6 +119,19 @@ impl FunctionSpec {
                 .map_err(|e| EnvError::Other(format!("{}: {e}", self.name)))?;
         }
         Ok(templates)
+    }
+
+    /// The templates and context length of the style named `name` (`full` for the default).
+    pub fn style(&self, name: &str) -> Result<(&str, &str, Option<usize>), EnvError> {
+        if name == FULL_PROMPT {
+            return Ok((&self.system_template, &self.user_template, None));
+        }
+        let style = self.prompt_styles.iter().find(|s| s.name == name).ok_or_else(|| {
+            let known: Vec<&str> =
+                std::iter::once(FULL_PROMPT).chain(self.prompt_styles.iter().map(|s| s.name.as_str())).collect();
+            EnvError::Other(format!("`{}` has no prompt style `{name}` (it has: {})", self.name, known.join(", ")))
+        })?;
+        Ok((&style.system_template, &style.user_template, style.history_turns))
     }
 
     /// Renders an observation's input as the model would be sent it.
@@ -205,10 +233,15 @@ impl EnvSpec {
         };
         let mut functions = toml::Table::new();
         for function in &self.functions {
+            let (system_template, user_template, history_turns) =
+                function.style(params.prompt.as_deref().unwrap_or(FULL_PROMPT))?;
             let mut variant_table = toml::Table::new();
             variant_table.insert("model".into(), model.into());
-            variant_table.insert("system_template".into(), function.system_template.clone().into());
-            variant_table.insert("user_template".into(), function.user_template.clone().into());
+            variant_table.insert("system_template".into(), system_template.into());
+            variant_table.insert("user_template".into(), user_template.into());
+            if let Some(turns) = history_turns {
+                variant_table.insert("history_turns".into(), i64::try_from(turns).unwrap_or(i64::MAX).into());
+            }
             if let Some(temperature) = params.temperature {
                 variant_table.insert("temperature".into(), temperature.into());
             }
@@ -272,11 +305,16 @@ impl EnvSpec {
     }
 }
 
-/// Sampling parameters [`EnvSpec::gateway_config_with`] writes into the variant.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// The name of every function's default prompt style.
+pub const FULL_PROMPT: &str = "full";
+
+/// Sampling parameters and prompt style [`EnvSpec::gateway_config_with`] writes into the variant.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct VariantParams {
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
+    /// A [`PromptStyle`] of the function (none: `full`).
+    pub prompt: Option<String>,
 }
 
 impl Env for Box<dyn Env> {

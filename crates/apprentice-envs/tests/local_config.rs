@@ -6,7 +6,7 @@ use apprentice_envs::{make_env, EnvOptions, Split, TaskId, VariantParams};
 #[test]
 fn a_local_model_gets_its_models_section_and_the_variant_its_params() {
     let env = make_env("babyai", EnvOptions::default()).unwrap();
-    let params = VariantParams { temperature: Some(0.0), max_tokens: Some(16) };
+    let params = VariantParams { temperature: Some(0.0), max_tokens: Some(16), prompt: None };
     let text = env.spec().gateway_config_with("local::smollm2-135m", "student", &params).unwrap();
     let config = Config::parse(&text, "env.toml".as_ref(), "/base".as_ref()).unwrap();
     let model = &config.models["local::smollm2-135m"];
@@ -22,9 +22,41 @@ fn a_local_model_gets_its_models_section_and_the_variant_its_params() {
         ("local::smollm2-135m", Some(0.0), Some(16))
     );
 
+    assert_eq!(variant.history_turns, None, "the full style shows the whole conversation");
+
     // Other models still need their section written by hand.
     let text = env.spec().gateway_config("teacher", "teacher").unwrap();
     assert!(!text.contains("[models"), "{text}");
+}
+
+#[test]
+fn the_compact_style_renders_only_the_current_observation_briefly() {
+    let mut env = make_env("babyai", EnvOptions::default()).unwrap();
+    let params = VariantParams { prompt: Some("compact".into()), ..VariantParams::default() };
+    let text = env.spec().gateway_config_with("local::smollm2-135m", "student", &params).unwrap();
+    let config = Config::parse(&text, "env.toml".as_ref(), "/base".as_ref()).unwrap();
+    let function = config.function("babyai::act").unwrap();
+    assert_eq!(function.variants["student"].history_turns, Some(1));
+
+    // After two steps the recorded input holds the whole conversation; the compact prompt shows
+    // the mission and the newest observation only.
+    env.reset(TaskId { split: Split::Train, index: 3 }).unwrap();
+    env.step(&[ContentBlock::Text { text: "turn left".into() }]).unwrap();
+    let outcome = env.step(&[ContentBlock::Text { text: "turn left".into() }]).unwrap();
+    let input = &outcome.observation.input;
+    assert_eq!(input.messages.len(), 5);
+    let rendered =
+        apprentice_core::render::render_input(&config.templates, "babyai::act", Some(function), "student", input).unwrap();
+    assert_eq!(rendered.messages.len(), 1);
+    let system = rendered.system.unwrap();
+    assert!(system.contains("Your mission:") && system.contains("turn left, turn right, go forward"), "{system}");
+    assert!(!system.contains("The actions:"), "the compact style has no action descriptions: {system}");
+    let full = env.spec().functions[0].render("v", input).unwrap();
+    assert_eq!(full.messages.len(), 5);
+
+    let unknown = VariantParams { prompt: Some("terse".into()), ..VariantParams::default() };
+    let err = env.spec().gateway_config_with("m", "v", &unknown).unwrap_err().to_string();
+    assert!(err.contains("terse") && err.contains("compact") && err.contains("full"), "{err}");
 }
 
 #[test]

@@ -36,6 +36,7 @@ impl Corridor {
                 user_schema: json!({"type": "object", "required": ["position"], "properties": {"position": {"type": "integer"}}}),
                 system_template: "Walk {{ length }} cells. Answer forward, back or wait.".into(),
                 user_template: "You are at cell {{ position }}.".into(),
+                prompt_styles: Vec::new(),
             }],
             tools: vec![],
             metrics: vec![

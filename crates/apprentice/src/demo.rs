@@ -344,7 +344,7 @@ fn gateway_config_for(
 ) -> Result<String> {
     let env = make_env("babyai", EnvOptions::default())?;
     // Actions are a few tokens: a short cap keeps an untrained model from rambling.
-    let params = VariantParams { temperature: None, max_tokens: Some(8) };
+    let params = VariantParams { temperature: None, max_tokens: Some(8), prompt: None };
     let mut config = teacher;
     for (name, model_path) in students {
         let text = env.spec().gateway_config_with(name, name, &params)?;

@@ -27,7 +27,9 @@ use apprentice_core::config::{MetricType, Optimize};
 use apprentice_core::{ContentBlock, FeedbackValue, Input, InputMessage, MetricLevel, Role, SystemInput};
 use serde_json::{json, Map, Value};
 
-use crate::{Env, EnvError, EnvSpec, Feedback, FunctionSpec, MetricSpec, Observation, Split, StepOutcome, TaskId};
+use crate::{
+    Env, EnvError, EnvSpec, Feedback, FunctionSpec, MetricSpec, Observation, PromptStyle, Split, StepOutcome, TaskId,
+};
 use mission::{Status, Verifier};
 use tasks::{Task, TaskConfig, TASKS_PER_SPLIT};
 use world::{Action, World};
@@ -69,6 +71,23 @@ const USER_TEMPLATE: &str = "\
 
 Your action?";
 
+/// The `compact` style, for a small student: the mission, the rule for reaching an object and the
+/// action names, then only the current observation. A step's prompt is about 100 tokens instead of
+/// a conversation that grows by about 40 per step, so training sees more steps per second and the
+/// student's context never outgrows what it can attend to.
+const COMPACT_SYSTEM_TEMPLATE: &str = "\
+You are an agent in a grid world. Your mission: {{ mission }}.
+Each turn you are told what you see, relative to you. Go to an object by standing right in front of it, facing it.
+Answer with one action: turn left, turn right, go forward, pick up, drop or toggle.";
+
+const COMPACT_USER_TEMPLATE: &str = "\
+{% if feedback is defined and feedback %}{{ feedback }}
+{% endif %}You see:
+{{ observation }}";
+
+/// The name of the [`COMPACT_SYSTEM_TEMPLATE`] style.
+pub const COMPACT_PROMPT: &str = "compact";
+
 fn action_list() -> String {
     ACTION_HELP.iter().map(|(action, help)| format!("{}: {help}", action.name())).collect::<Vec<_>>().join("\n")
 }
@@ -107,6 +126,13 @@ fn function_spec() -> FunctionSpec {
         }),
         system_template: SYSTEM_TEMPLATE.to_string(),
         user_template: USER_TEMPLATE.to_string(),
+        prompt_styles: vec![PromptStyle {
+            name: COMPACT_PROMPT.to_string(),
+            description: "short instructions and only the current observation, for small students".to_string(),
+            system_template: COMPACT_SYSTEM_TEMPLATE.to_string(),
+            user_template: COMPACT_USER_TEMPLATE.to_string(),
+            history_turns: Some(1),
+        }],
     }
 }
 
