@@ -97,6 +97,11 @@ pub struct IwConfig {
     pub w_max: f64,
     /// `w_b ← w_b / Σ_b w_b` over the sequences of the batch (control code).
     pub normalize: bool,
+    /// `w_b ← K · w_b / Σ_b w_b` over the batch's K sequences (self-normalised importance
+    /// weights): they average 1, so only their ratios matter and the step size stays SFT's. Where
+    /// the student is still learning the answer format, every raw weight sits at the clip and
+    /// iw-SFT without this is SFT at w_max times the learning rate. Takes precedence over `normalize`.
+    pub self_normalize: bool,
     pub granularity: Granularity,
     pub helper: HelperPolicy,
     pub reduction: Reduction,
@@ -110,6 +115,7 @@ impl Default for IwConfig {
             temperature: 1.0,
             w_max: 16.0,
             normalize: false,
+            self_normalize: false,
             granularity: Granularity::Sequence,
             helper: HelperPolicy::Current,
             reduction: Reduction::Token,
@@ -230,11 +236,12 @@ pub fn coefficients(objective: Objective, iw: &IwConfig, batch: &BatchNumbers) -
                 for b in 0..rows {
                     weights[b] = sequence_weight(&masks[b], &helper[b], &reference[b], iw.temperature, iw.w_max);
                 }
-                if iw.normalize {
+                if iw.normalize || iw.self_normalize {
                     let total: f64 = weights.iter().flatten().sum();
+                    let scale = if iw.self_normalize { weights.iter().flatten().count() as f64 } else { 1.0 };
                     if total > 0.0 {
                         for w in weights.iter_mut().flatten() {
-                            *w /= total;
+                            *w *= scale / total;
                         }
                     }
                 }
@@ -379,6 +386,12 @@ mod tests {
         assert!(close(w[0], 1.0 / 8.0) && close(w[1], 2.0 / 8.0) && close(w[2], 5.0 / 8.0), "{w:?}");
         // Token reduction: c = w_b · m / Σ n_b with Σ n_b = 3.
         assert!(close(c.c[2][0] as f64, 5.0 / 8.0 / 3.0));
+        // Self-normalised: the same ratios, averaging 1.
+        let iw = IwConfig { self_normalize: true, ..IwConfig::default() };
+        let c = coefficients(Objective::IwSft, &iw, &batch).unwrap();
+        let w: Vec<f64> = c.sequence_weights.iter().map(|w| w.unwrap()).collect();
+        assert!(close(w[0], 3.0 / 8.0) && close(w[1], 6.0 / 8.0) && close(w[2], 15.0 / 8.0), "{w:?}");
+        assert!(close(c.stats.mean, 1.0));
         // Without normalisation: raw weights, the stats report them.
         let c = coefficients(Objective::IwSft, &IwConfig::default(), &batch).unwrap();
         assert!(close(c.stats.mean, 8.0 / 3.0) && close(c.stats.min, 1.0) && close(c.stats.max, 5.0));

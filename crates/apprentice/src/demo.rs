@@ -29,6 +29,11 @@ pub struct DemoArgs {
     /// on about two thirds of the train tasks.
     #[arg(long, default_value_t = 0.5)]
     epsilon: f64,
+    /// How the students are prompted: `compact` (short instructions, the current observation
+    /// only) or `full` (the benchmark's instructions and the whole conversation). The teacher's
+    /// recorded calls are re-rendered in this style for training.
+    #[arg(long, default_value = apprentice_envs::babyai::COMPACT_PROMPT)]
+    prompt: String,
     /// A real teacher instead of the noisy expert: the name of a variant of `babyai::act` in
     /// --teacher-config (e.g. made with `apprentice env config babyai --model teacher --variant
     /// teacher` plus the model's section; use absolute paths in it). The demo serves it from a
@@ -129,6 +134,10 @@ fn path_arg(path: &Path) -> String {
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let plan = Plan::new(args.quick, &args.device);
+    // A misspelt style should fail now, not after the rollout.
+    for function in &make_env("babyai", EnvOptions::default())?.spec().functions {
+        function.style(&args.prompt)?;
+    }
     let data = &args.data;
     if data.exists() {
         std::fs::remove_dir_all(data).with_context(|| format!("cannot clear {}", data.display()))?;
@@ -142,9 +151,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         times: Vec::new(),
     };
     println!(
-        "apprentice demo{}: teacher on {} BabyAI train tasks, students trained from SmolLM2-135M, {} test tasks per policy, episodes of at most {} steps; everything under {}",
+        "apprentice demo{}: teacher on {} BabyAI train tasks, students trained from SmolLM2-135M with the {} prompt, {} test tasks per policy, episodes of at most {} steps; everything under {}",
         if args.quick { " --quick" } else { "" },
         plan.train_episodes,
+        args.prompt,
         plan.test_episodes,
         plan.max_steps,
         data.display()
@@ -192,19 +202,36 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     stages.run("roll out the teacher on the train split", &rollout)?;
 
+    // The students' variants (the base model's too) exist before they are trained: curation
+    // renders the teacher's calls with their templates, evaluation serves them.
+    let runs = data.join("runs");
+    let gateway_config = data.join("gateway.toml");
+    let base_model =
+        apprentice_model::cache::resolve_model("smollm2-135m").context("the base model is not in the cache")?;
+    let config = gateway_config_for(
+        teacher_table.map(|(_, table)| table).unwrap_or_default(),
+        &store,
+        &[
+            ("base", base_model.as_path()),
+            ("sft", &runs.join("sft").join("model.gguf")),
+            ("iw-sft", &runs.join("iw-sft").join("model.gguf")),
+        ],
+        &args.prompt,
+        args.student_price_per_hour,
+    )?;
+    std::fs::write(&gateway_config, config).with_context(|| format!("cannot write {}", gateway_config.display()))?;
+
     let spec = data.join("curate.toml");
     std::fs::write(&spec, CURATE_SPEC).with_context(|| format!("cannot write {}", spec.display()))?;
     let datasets = data.join("datasets");
     stages.run(
-        "curate its successful episodes (steps without progress kept as context)",
+        "curate its good steps in successful episodes, rendered as the students are prompted",
         &[
             s("curate"),
             s("--spec"),
             path_arg(&spec),
-            s("--env"),
-            s("babyai"),
-            s("--store"),
-            path_arg(&store),
+            s("--config"),
+            path_arg(&gateway_config),
             s("--out"),
             path_arg(&datasets),
             s("--student"),
@@ -213,7 +240,6 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     )?;
     let dataset = datasets.join("babyai-demo-v1");
 
-    let runs = data.join("runs");
     for (objective, name) in [("sft", "sft"), ("iw-sft", "iw-sft")] {
         let mut train = vec![
             s("train"),
@@ -232,20 +258,6 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         stages.run(&format!("train the {name} student"), &train)?;
     }
 
-    let gateway_config = data.join("gateway.toml");
-    let base_model =
-        apprentice_model::cache::resolve_model("smollm2-135m").context("the base model is not in the cache")?;
-    let config = gateway_config_for(
-        teacher_table.map(|(_, table)| table).unwrap_or_default(),
-        &store,
-        &[
-            ("base", base_model.as_path()),
-            ("sft", &runs.join("sft").join("model.gguf")),
-            ("iw-sft", &runs.join("iw-sft").join("model.gguf")),
-        ],
-        args.student_price_per_hour,
-    )?;
-    std::fs::write(&gateway_config, config).with_context(|| format!("cannot write {}", gateway_config.display()))?;
     let evaluation = data.join("eval");
     stages.run(
         "evaluate teacher, base model and both students on the same test tasks",
@@ -304,11 +316,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Curates the teacher's successful episodes; its random detours stay in the conversation as
-/// context with weight 0 (`steps`), so the student learns the steps that made progress.
+/// Curates the teacher's successful episodes and trains only their steps that made progress, so
+/// the noisy expert's random detours are not imitated (in the `full` style, which packs an episode
+/// as one conversation, they stay as context with weight 0). The calls are rendered with the
+/// `base` variant's templates: the students' prompt style.
 const CURATE_SPEC: &str = r#"name = "babyai-demo"
 version = 1
 function = "babyai::act"
+variant = "base"
 validation_fraction = 0.1
 seed = 7
 packing = "auto"
@@ -335,16 +350,18 @@ fn store_table(store: &Path) -> toml::Table {
 }
 
 /// `teacher` (a gateway config, possibly empty) plus one variant of `babyai::act` per student
-/// model, each a local model priced per hour of measured compute, recording into `store`.
+/// model in the `prompt` style, each a local model priced per hour of measured compute, recording
+/// into `store`.
 fn gateway_config_for(
     teacher: toml::Table,
     store: &Path,
     students: &[(&str, &Path)],
+    prompt: &str,
     price_per_hour: f64,
 ) -> Result<String> {
     let env = make_env("babyai", EnvOptions::default())?;
     // Actions are a few tokens: a short cap keeps an untrained model from rambling.
-    let params = VariantParams { temperature: None, max_tokens: Some(8), prompt: None };
+    let params = VariantParams { temperature: None, max_tokens: Some(8), prompt: Some(prompt.to_string()) };
     let mut config = teacher;
     for (name, model_path) in students {
         let text = env.spec().gateway_config_with(name, name, &params)?;

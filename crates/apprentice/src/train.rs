@@ -69,8 +69,12 @@ pub struct TrainArgs {
     #[arg(long)]
     iw_w_max: Option<f64>,
     /// Normalise iw weights per batch (w_b / Σ w_b).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "iw_self_normalize")]
     iw_normalize: bool,
+    /// Self-normalise iw weights per batch (K · w_b / Σ w_b: they average 1, the step size stays
+    /// SFT's).
+    #[arg(long)]
+    iw_self_normalize: bool,
     /// Per-token ratios clipped to [0.2, 1.8] instead of one weight per sequence.
     #[arg(long)]
     iw_token: bool,
@@ -130,6 +134,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.iw.w_max = w;
     }
     config.iw.normalize |= args.iw_normalize;
+    config.iw.self_normalize |= args.iw_self_normalize;
     if args.iw_token {
         config.iw.granularity = Granularity::Token;
     }

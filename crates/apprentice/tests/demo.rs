@@ -21,6 +21,14 @@ fn the_quick_demo_runs_every_stage_and_writes_the_report() {
         assert!(stdout.contains(stage), "stage `{stage}` missing:\n{stdout}");
     }
 
+    // The teacher's recorded conversations were re-rendered in the students' compact style: each
+    // training example is the mission, one observation and the action.
+    let train = std::fs::read_to_string(data.join("datasets/babyai-demo-v1/train.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(train.lines().next().unwrap()).unwrap();
+    let roles: Vec<&str> = first["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["system", "user", "assistant"], "{first}");
+    assert!(first["messages"][0]["content"].as_str().unwrap().contains("Answer with one action"), "{first}");
+
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("report/report.json")).unwrap()).unwrap();
     let rows = report["evaluations"][0]["summaries"].as_array().unwrap();
