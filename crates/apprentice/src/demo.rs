@@ -76,7 +76,7 @@ impl Plan {
             }
         } else {
             Plan {
-                train_episodes: 180,
+                train_episodes: 140,
                 test_episodes: 30,
                 max_steps: 24,
                 train_args: args(&["--epochs", "2", "--lr", "5e-4", "--grad-accum", "1", "--eval-every", "0"]),
