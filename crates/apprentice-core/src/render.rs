@@ -121,14 +121,7 @@ pub fn render_input(
 /// The index of the first message of the last `turns` turns. A turn starts at a user message
 /// that is not only tool results, so a tool call is never cut from its result.
 fn first_message_of_last_turns(messages: &[InputMessage], turns: usize) -> usize {
-    let starts_turn = |m: &InputMessage| {
-        m.role == Role::User && m.content.iter().any(|b| !matches!(b, ContentBlock::ToolResult(_)))
-    };
-    messages
-        .iter()
-        .enumerate()
-        .rev()
-        .filter(|(_, m)| starts_turn(m))
-        .nth(turns.saturating_sub(1))
-        .map_or(0, |(i, _)| i)
+    let starts_turn =
+        |m: &InputMessage| m.role == Role::User && m.content.iter().any(|b| !matches!(b, ContentBlock::ToolResult(_)));
+    messages.iter().enumerate().rev().filter(|(_, m)| starts_turn(m)).nth(turns.saturating_sub(1)).map_or(0, |(i, _)| i)
 }

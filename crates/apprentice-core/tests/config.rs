@@ -216,7 +216,11 @@ fn history_turns_renders_only_the_last_turns() {
     let text = |role, text: &str| InputMessage { role, content: vec![ContentBlock::Text { text: text.into() }] };
     let tool_result = InputMessage {
         role: Role::User,
-        content: vec![ContentBlock::ToolResult(ToolResult { id: "1".into(), name: "move".into(), result: "ok".into() })],
+        content: vec![ContentBlock::ToolResult(ToolResult {
+            id: "1".into(),
+            name: "move".into(),
+            result: "ok".into(),
+        })],
     };
     let mut system = serde_json::Map::new();
     system.insert("mission".into(), json!("open the door"));

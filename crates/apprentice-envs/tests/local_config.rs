@@ -46,7 +46,8 @@ fn the_compact_style_renders_only_the_current_observation_briefly() {
     let input = &outcome.observation.input;
     assert_eq!(input.messages.len(), 5);
     let rendered =
-        apprentice_core::render::render_input(&config.templates, "babyai::act", Some(function), "student", input).unwrap();
+        apprentice_core::render::render_input(&config.templates, "babyai::act", Some(function), "student", input)
+            .unwrap();
     assert_eq!(rendered.messages.len(), 1);
     let system = rendered.system.unwrap();
     assert!(system.contains("Your mission:") && system.contains("turn left, turn right, go forward"), "{system}");

@@ -141,10 +141,12 @@ impl Stages {
         let started = Instant::now();
         let mut running = Vec::new();
         for stage in stages {
-            let shown = format!("apprentice {}", stage.args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "));
+            let shown =
+                format!("apprentice {}", stage.args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "));
             println!("$ {shown} > {} 2>&1", stage.log.display());
             self.script.push_str(&format!("# {} (run beside the others)\n{shown}\n", stage.stage));
-            let log = std::fs::File::create(&stage.log).with_context(|| format!("cannot create {}", stage.log.display()))?;
+            let log =
+                std::fs::File::create(&stage.log).with_context(|| format!("cannot create {}", stage.log.display()))?;
             let child = Command::new(&self.exe)
                 .args(&stage.args)
                 .env("RAYON_NUM_THREADS", &threads)
@@ -152,20 +154,22 @@ impl Stages {
                 .stderr(log)
                 .spawn()
                 .with_context(|| format!("cannot start stage `{}` ({})", stage.stage, self.exe.display()))?;
-            let bar = bars.add(indicatif::ProgressBar::new_spinner().with_style(style.clone()).with_prefix(stage.stage.clone()));
+            let bar = bars
+                .add(indicatif::ProgressBar::new_spinner().with_style(style.clone()).with_prefix(stage.stage.clone()));
             bar.enable_steady_tick(std::time::Duration::from_millis(250));
             running.push((stage, shown, child, bar, None::<f64>));
         }
         while running.iter().any(|(_, _, _, _, done)| done.is_none()) {
+            let mut failed = None;
             for (stage, shown, child, bar, done) in running.iter_mut().filter(|r| r.4.is_none()) {
                 match child.try_wait()? {
                     Some(status) if !status.success() => {
-                        bars.clear().ok();
-                        bail!(
+                        failed = Some(format!(
                             "stage `{}` failed ({status}); its log: {}\nrerun it alone with:\n  {shown}",
                             stage.stage,
                             stage.log.display()
-                        );
+                        ));
+                        break;
                     }
                     Some(_) => {
                         let seconds = started.elapsed().as_secs_f64();
@@ -174,6 +178,15 @@ impl Stages {
                     }
                     None => bar.set_message(training_progress(&stage.metrics)),
                 }
+            }
+            if let Some(message) = failed {
+                // The others' results would be of no use to the stages that follow.
+                for (_, _, child, _, _) in &mut running {
+                    child.kill().ok();
+                    child.wait().ok();
+                }
+                bars.clear().ok();
+                bail!(message);
             }
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
