@@ -245,6 +245,9 @@ impl EnvSpec {
             if let Some(temperature) = params.temperature {
                 variant_table.insert("temperature".into(), temperature.into());
             }
+            if let Some(top_p) = params.top_p {
+                variant_table.insert("top_p".into(), top_p.into());
+            }
             if let Some(max_tokens) = params.max_tokens {
                 variant_table.insert("max_tokens".into(), i64::from(max_tokens).into());
             }
@@ -312,6 +315,7 @@ pub const FULL_PROMPT: &str = "full";
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VariantParams {
     pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
     pub max_tokens: Option<u32>,
     /// A [`PromptStyle`] of the function (none: `full`).
     pub prompt: Option<String>,

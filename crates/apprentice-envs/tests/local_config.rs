@@ -6,7 +6,7 @@ use apprentice_envs::{make_env, EnvOptions, Split, TaskId, VariantParams};
 #[test]
 fn a_local_model_gets_its_models_section_and_the_variant_its_params() {
     let env = make_env("babyai", EnvOptions::default()).unwrap();
-    let params = VariantParams { temperature: Some(0.0), max_tokens: Some(16), prompt: None };
+    let params = VariantParams { temperature: Some(0.0), top_p: Some(0.9), max_tokens: Some(16), prompt: None };
     let text = env.spec().gateway_config_with("local::smollm2-135m", "student", &params).unwrap();
     let config = Config::parse(&text, "env.toml".as_ref(), "/base".as_ref()).unwrap();
     let model = &config.models["local::smollm2-135m"];
@@ -18,8 +18,8 @@ fn a_local_model_gets_its_models_section_and_the_variant_its_params() {
     );
     let variant = &config.function("babyai::act").unwrap().variants["student"];
     assert_eq!(
-        (variant.model.as_str(), variant.temperature, variant.max_tokens),
-        ("local::smollm2-135m", Some(0.0), Some(16))
+        (variant.model.as_str(), variant.temperature, variant.top_p, variant.max_tokens),
+        ("local::smollm2-135m", Some(0.0), Some(0.9), Some(16))
     );
 
     assert_eq!(variant.history_turns, None, "the full style shows the whole conversation");
@@ -50,7 +50,7 @@ fn the_compact_style_renders_only_the_current_observation_briefly() {
             .unwrap();
     assert_eq!(rendered.messages.len(), 1);
     let system = rendered.system.unwrap();
-    assert!(system.contains("Your mission:") && system.contains("turn left, turn right, go forward"), "{system}");
+    assert!(system.starts_with("Mission: ") && system.contains("turn left, turn right, go forward"), "{system}");
     assert!(!system.contains("The actions:"), "the compact style has no action descriptions: {system}");
     let full = env.spec().functions[0].render("v", input).unwrap();
     assert_eq!(full.messages.len(), 5);

@@ -96,6 +96,9 @@ pub enum EnvCommand {
         /// Sets the variant's `temperature`.
         #[arg(long)]
         temperature: Option<f64>,
+        /// Sets the variant's `top_p` (nucleus sampling).
+        #[arg(long)]
+        top_p: Option<f64>,
         /// The prompt style: `full` (the benchmark's instructions and the whole conversation) or
         /// one of the env's others, e.g. babyai's `compact` for a small student.
         #[arg(long, default_value = apprentice_envs::FULL_PROMPT)]
@@ -160,14 +163,14 @@ pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
 
 pub fn run_env(command: EnvCommand) -> anyhow::Result<()> {
     match command {
-        EnvCommand::Config { env, model, variant, max_tokens, temperature, prompt } => {
+        EnvCommand::Config { env, model, variant, max_tokens, temperature, top_p, prompt } => {
             if model.starts_with("local::") && max_tokens.is_none() {
                 eprintln!(
                     "note: a local model generates until it ends its turn or fills its context; \
                      --max-tokens bounds each answer (an untrained student can ramble for minutes on a CPU)"
                 );
             }
-            let params = VariantParams { temperature, max_tokens, prompt: Some(prompt) };
+            let params = VariantParams { temperature, top_p, max_tokens, prompt: Some(prompt) };
             print!("{}", make_env(&env, EnvOptions::default())?.spec().gateway_config_with(&model, &variant, &params)?);
             Ok(())
         }

@@ -71,19 +71,18 @@ const USER_TEMPLATE: &str = "\
 
 Your action?";
 
-/// The `compact` style, for a small student: the mission, the rule for reaching an object and the
-/// action names, then only the current observation. A step's prompt is about 100 tokens instead of
-/// a conversation that grows by about 40 per step, so training sees more steps per second and the
-/// student's context never outgrows what it can attend to.
+/// The `compact` style, for a small student: the mission and the action names, then only the
+/// current observation. A step's prompt is about 70 SmolLM2 tokens instead of a conversation that
+/// grows by about 40 per step. Nearly all of a training example is its prompt (the answer is two
+/// or three tokens), so every word here costs training time: instructions a student learns from
+/// its examples anyway are left out (measured: 38% fewer tokens than with them, README, Demo).
 const COMPACT_SYSTEM_TEMPLATE: &str = "\
-You are an agent in a grid world. Your mission: {{ mission }}.
-Each turn you are told what you see, relative to you. Go to an object by standing right in front of it, facing it.
-Answer with one action: turn left, turn right, go forward, pick up, drop or toggle.";
+Mission: {{ mission }}.
+Actions: turn left, turn right, go forward, pick up, drop, toggle.";
 
 const COMPACT_USER_TEMPLATE: &str = "\
 {% if feedback is defined and feedback %}{{ feedback }}
-{% endif %}You see:
-{{ observation }}";
+{% endif %}{{ observation }}";
 
 /// The name of the [`COMPACT_SYSTEM_TEMPLATE`] style.
 pub const COMPACT_PROMPT: &str = "compact";
