@@ -29,9 +29,9 @@ pub struct DemoArgs {
     /// on about two thirds of the train tasks.
     #[arg(long, default_value_t = 0.5)]
     epsilon: f64,
-    /// How the students are prompted: `compact` (short instructions, the current observation
-    /// only) or `full` (the benchmark's instructions and the whole conversation). The teacher's
-    /// recorded calls are re-rendered in this style for training.
+    /// How the students are prompted: `compact` (the mission, the action names and the current
+    /// observation only) or `full` (the benchmark's instructions and the whole conversation). The
+    /// teacher's recorded calls are re-rendered in this style for training.
     #[arg(long, default_value = apprentice_envs::babyai::COMPACT_PROMPT)]
     prompt: String,
     /// A real teacher instead of the noisy expert: the name of a variant of `babyai::act` in

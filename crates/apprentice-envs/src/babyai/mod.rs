@@ -72,7 +72,7 @@ const USER_TEMPLATE: &str = "\
 Your action?";
 
 /// The `compact` style, for a small student: the mission and the action names, then only the
-/// current observation. A step's prompt is about 70 SmolLM2 tokens instead of a conversation that
+/// current observation. A step's prompt is about 72 SmolLM2 tokens instead of a conversation that
 /// grows by about 40 per step. Nearly all of a training example is its prompt (the answer is two
 /// or three tokens), so every word here costs training time: instructions a student learns from
 /// its examples anyway are left out (measured: 38% fewer tokens than with them, README, Demo).
@@ -127,7 +127,8 @@ fn function_spec() -> FunctionSpec {
         user_template: USER_TEMPLATE.to_string(),
         prompt_styles: vec![PromptStyle {
             name: COMPACT_PROMPT.to_string(),
-            description: "short instructions and only the current observation, for small students".to_string(),
+            description: "the mission, the action names and only the current observation, for small students"
+                .to_string(),
             system_template: COMPACT_SYSTEM_TEMPLATE.to_string(),
             user_template: COMPACT_USER_TEMPLATE.to_string(),
             history_turns: Some(1),
