@@ -111,6 +111,44 @@ pub enum DummyBehavior {
     Error,
 }
 
+/// How a local model's projection weights are stored for serving.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+pub enum WeightFormat {
+    /// Blocks of 32 weights as 8-bit integers with one f32 scale (llama.cpp's q8_0 layout).
+    #[default]
+    #[serde(rename = "q8_0", alias = "q8")]
+    Q8_0,
+    #[serde(rename = "f32")]
+    F32,
+}
+
+impl WeightFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::F32 => "f32",
+        }
+    }
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "q8_0" | "q8" => Ok(WeightFormat::Q8_0),
+            "f32" => Ok(WeightFormat::F32),
+            other => Err(format!("unknown weight format `{other}` (expected q8_0 or f32)")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ProviderConfig {
@@ -144,9 +182,23 @@ pub enum ProviderConfig {
         /// Prompt plus generated tokens at most; default: the model's own context length.
         #[serde(default)]
         max_context_tokens: Option<usize>,
-        /// CPU threads for this model's generation; default: candle's (all physical cores).
+        /// CPU threads for this model's generation; default: rayon's (one per core).
         #[serde(default)]
         threads: Option<usize>,
+        /// How the projections are stored for serving: `q8_0` (default: 1.06 bytes a weight,
+        /// the fastest measured, README `bench serve`) or `f32`.
+        #[serde(default)]
+        weights: WeightFormat,
+        /// Sequences decoded together at most; further requests queue (default 8).
+        #[serde(default)]
+        max_batch: Option<usize>,
+        /// Prompt tokens fed per decode step, shared by newcomers' prefills (default 128).
+        #[serde(default)]
+        prefill_chunk_tokens: Option<usize>,
+        /// Memory for the keys and values kept for episodes' next turns, in MiB (default 256; 0
+        /// keeps none).
+        #[serde(default)]
+        prefix_cache_mb: Option<usize>,
     },
     /// Deterministic, offline: for tests and demos.
     Dummy {
@@ -631,7 +683,9 @@ impl Resolver<'_> {
     /// A value is a path when it names something that exists there, or looks like one (a path
     /// separator, a `.gguf` ending); otherwise it is a cached model name, resolved at startup.
     fn local_provider(&self, key: &str, config: &ProviderConfig) -> Result<ProviderConfig, ConfigError> {
-        let ProviderConfig::Local { model, max_context_tokens, threads } = config else {
+        let ProviderConfig::Local { model, max_context_tokens, threads, max_batch, prefill_chunk_tokens, .. } =
+            config
+        else {
             return Ok(config.clone());
         };
         if model.trim().is_empty() {
@@ -640,8 +694,14 @@ impl Resolver<'_> {
         if *max_context_tokens == Some(0) {
             return Err(self.err(format!("{key}.max_context_tokens"), "must be at least 1"));
         }
-        if *threads == Some(0) {
-            return Err(self.err(format!("{key}.threads"), "must be at least 1"));
+        for (field, value) in [
+            ("threads", threads),
+            ("max_batch", max_batch),
+            ("prefill_chunk_tokens", prefill_chunk_tokens),
+        ] {
+            if *value == Some(0) {
+                return Err(self.err(format!("{key}.{field}"), "must be at least 1"));
+            }
         }
         let path = Path::new(model);
         let looks_like_path = model.contains(['/', '\\']) || model.ends_with(".gguf") || model.starts_with('.');
@@ -650,7 +710,11 @@ impl Resolver<'_> {
         } else {
             model.clone()
         };
-        Ok(ProviderConfig::Local { model, max_context_tokens: *max_context_tokens, threads: *threads })
+        let mut resolved = config.clone();
+        if let ProviderConfig::Local { model: resolved_model, .. } = &mut resolved {
+            *resolved_model = model;
+        }
+        Ok(resolved)
     }
 
     fn read_file(&self, key: &str, path: &str) -> Result<String, ConfigError> {

@@ -88,6 +88,8 @@ impl Gateway {
     pub fn prepare(&self, request: InferenceRequest) -> Result<Prepared, ApiError> {
         let started = Instant::now();
         let episode_id = request.episode_id.unwrap_or_else(new_id);
+        // Only an episode the caller names can have a next turn that continues this call.
+        let continued_episode = request.episode_id;
         let (function_name, function, variant_name, variant) = match &request.target {
             Target::Function(name) => {
                 let function = self.config.function(name).ok_or_else(|| {
@@ -148,6 +150,7 @@ impl Gateway {
             top_p: request.params.top_p.or(variant.top_p),
             max_tokens: request.params.max_tokens.or(variant.max_tokens),
             seed: request.params.seed.or(variant.seed),
+            episode_id: continued_episode,
             json_mode: (kind == FunctionKind::Json).then_some(variant.json_mode),
             output_schema: output_schema.as_ref().map(|s| s.value.clone()),
         };

@@ -7,6 +7,9 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use apprentice_core::config::WeightFormat;
+use apprentice_model::serve::SchedulerStats;
+
 const LATENCY_BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -101,6 +104,48 @@ impl Metrics {
     }
 }
 
+/// The schedulers of the loaded local models: queue depth, batch size, tokens/s (gauges) and
+/// what they generated, prefilled and reused (counters), labelled by model file and weights.
+pub fn render_local_models(out: &mut String, models: &[(String, WeightFormat, SchedulerStats)]) {
+    let gauges: [(&str, &str, fn(&SchedulerStats) -> f64); 5] = [
+        ("apprentice_local_queue_depth", "Requests waiting for a place in a local model's batch.", |s| {
+            s.queue_depth as f64
+        }),
+        ("apprentice_local_batch_size", "Sequences a local model decodes together now.", |s| s.batch_size as f64),
+        ("apprentice_local_tokens_per_second", "Tokens a local model generated per second, last 5 s.", |s| {
+            s.tokens_per_second
+        }),
+        ("apprentice_local_cached_prefixes", "Finished sequences kept for their episodes' next turns.", |s| {
+            s.cached_prefixes as f64
+        }),
+        ("apprentice_local_cached_prefix_bytes", "Memory of those cached keys and values.", |s| {
+            s.cached_prefix_bytes as f64
+        }),
+    ];
+    let counters: [(&str, &str, fn(&SchedulerStats) -> u64); 5] = [
+        ("apprentice_local_requests_total", "Generations a local model started.", |s| s.requests),
+        ("apprentice_local_generated_tokens_total", "Tokens a local model generated.", |s| s.generated_tokens),
+        ("apprentice_local_prefilled_tokens_total", "Prompt tokens a local model ran.", |s| s.prefilled_tokens),
+        ("apprentice_local_reused_tokens_total", "Prompt tokens served from cached prefixes.", |s| s.reused_tokens),
+        ("apprentice_local_steps_total", "Batched decode steps.", |s| s.steps),
+    ];
+    let labels = |path: &str, weights: WeightFormat| {
+        label_text(&vec![("model", path.to_string()), ("weights", weights.name().to_string())], None)
+    };
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (path, weights, stats) in models {
+            let _ = writeln!(out, "{name}{} {}", labels(path, *weights), value(stats));
+        }
+    }
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (path, weights, stats) in models {
+            let _ = writeln!(out, "{name}{} {}", labels(path, *weights), value(stats));
+        }
+    }
+}
+
 fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -154,5 +199,17 @@ mod tests {
         assert!(text.contains("apprentice_provider_errors_total{model=\"gpt\",provider=\"openai\"} 1"), "{text}");
         assert!(text.contains("apprentice_store_write_duration_seconds_bucket{le=\"0.001\"} 1"), "{text}");
         assert!(text.contains("apprentice_store_records_written_total 5"), "{text}");
+    }
+
+    #[test]
+    fn renders_local_model_schedulers() {
+        let stats = SchedulerStats { queue_depth: 3, batch_size: 8, generated_tokens: 42, ..SchedulerStats::default() };
+        let mut text = String::new();
+        render_local_models(&mut text, &[("/m/a.gguf".into(), WeightFormat::Q8_0, stats)]);
+        let labels = "{model=\"/m/a.gguf\",weights=\"q8_0\"}";
+        assert!(text.contains(&format!("apprentice_local_queue_depth{labels} 3")), "{text}");
+        assert!(text.contains(&format!("apprentice_local_batch_size{labels} 8")), "{text}");
+        assert!(text.contains(&format!("apprentice_local_generated_tokens_total{labels} 42")), "{text}");
+        assert!(text.contains("# TYPE apprentice_local_tokens_per_second gauge"), "{text}");
     }
 }

@@ -94,7 +94,9 @@ async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], gateway.metrics.render()).into_response()
+    let mut text = gateway.metrics.render();
+    crate::metrics::render_local_models(&mut text, &crate::providers::local::loaded_model_stats());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn observe(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {

@@ -6,10 +6,12 @@
 use std::sync::{Arc, OnceLock};
 
 use apprentice_core::{Config, ContentBlock, InferenceOutput, ToolDefinition};
-use apprentice_gateway::providers::local::{resolve, shared_model, LocalModel};
+use apprentice_gateway::providers::local::{resolve, shared_model, LocalModel, ServingSettings};
 use apprentice_gateway::{Gateway, RunningGateway};
 use apprentice_model::cache::ModelCache;
-use apprentice_model::{generate, resolve_model, GenerateOptions, LoadedModel, Tokenizer};
+use apprentice_core::config::WeightFormat;
+use apprentice_model::serve::{Request, Scheduler, SchedulerConfig, ServingModel};
+use apprentice_model::{resolve_model, GenerateOptions, LoadedModel, Tokenizer};
 use apprentice_store::{InferenceQuery, SqliteStore};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -51,29 +53,41 @@ fn model_path() -> std::path::PathBuf {
 /// Holds the gateway's copy for the whole test binary, so every gateway here shares one load.
 fn served_model() -> &'static Arc<LocalModel> {
     static MODEL: OnceLock<Arc<LocalModel>> = OnceLock::new();
-    MODEL.get_or_init(|| shared_model(&model_path()).unwrap())
+    MODEL.get_or_init(|| shared_model(&model_path(), &ServingSettings::default()).unwrap())
 }
 
-/// A copy loaded straight through apprentice-model, for the reference generations.
-fn reference() -> &'static (LoadedModel, Tokenizer) {
-    static REFERENCE: OnceLock<(LoadedModel, Tokenizer)> = OnceLock::new();
+/// A copy loaded straight through apprentice-model and served with the provider's default
+/// weights (q8_0), for the reference generations.
+fn reference() -> &'static (Arc<ServingModel>, LoadedModel, Tokenizer) {
+    static REFERENCE: OnceLock<(Arc<ServingModel>, LoadedModel, Tokenizer)> = OnceLock::new();
     REFERENCE.get_or_init(|| {
         let path = model_path();
-        (apprentice_model::load(&path, &candle_core::Device::Cpu).unwrap(), Tokenizer::from_path(&path).unwrap())
+        let loaded = apprentice_model::load(&path, &candle_core::Device::Cpu).unwrap();
+        let serving = Arc::new(ServingModel::from_llama(&loaded.model, WeightFormat::default()).unwrap());
+        (serving, loaded, Tokenizer::from_path(&path).unwrap())
     })
 }
 
-/// What apprentice-model generates greedily for `messages` with the model's own template:
-/// (text, prompt tokens, completion tokens, finish reason).
+/// What apprentice-model generates greedily for `messages` with the model's own template, one
+/// request alone: (text, prompt tokens, completion tokens, finish reason).
 fn direct_greedy(messages: &[Value], max_tokens: usize) -> (String, usize, usize, apprentice_model::FinishReason) {
-    let (loaded, tokenizer) = reference();
+    let (serving, loaded, tokenizer) = reference();
     let template = apprentice_model::ChatTemplate::from_tokenizer(tokenizer).unwrap();
     let prompt = tokenizer.encode(&template.render_prompt(messages, None).unwrap(), false).unwrap();
-    let decode = |ids: &[u32]| tokenizer.decode(ids, true).unwrap_or_default();
     let options =
         GenerateOptions { stop_token_ids: loaded.config.eos_token_ids.clone(), ..GenerateOptions::greedy(max_tokens) };
-    let out = generate(&loaded.model, &[prompt], &options, Some(&decode)).unwrap().remove(0);
-    (out.text.unwrap(), out.prompt_tokens, out.completion_tokens, out.finish_reason)
+    let scheduler = Scheduler::start(serving.clone(), None, SchedulerConfig::default(), None);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _ticket = scheduler
+        .submit(
+            Request { prompt, options, prefix_key: None },
+            Box::new(|_| std::ops::ControlFlow::Continue(())),
+            Box::new(move |c| tx.send(c).unwrap()),
+        )
+        .unwrap();
+    let out = rx.recv().unwrap().unwrap().generation;
+    let text = tokenizer.decode(&out.tokens, true).unwrap();
+    (text, out.prompt_tokens, out.completion_tokens, out.finish_reason)
 }
 
 struct Harness {
@@ -229,6 +243,31 @@ async fn concurrent_requests_both_succeed() {
     }
 }
 
+/// Sixteen calls at once to one local model: each answers what it answers alone, and each is
+/// recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_requests_all_answer_as_alone_and_are_all_recorded() {
+    let h = Harness::start().await;
+    let questions: Vec<String> = (0..16).map(|i| format!("Give me a word that rhymes with number {i}.")).collect();
+    let calls = questions.iter().map(|q| {
+        let mut body = native_body();
+        body["input"]["messages"][0]["content"] = json!(q);
+        h.post("/inference", body)
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (question, (status, answer)) in questions.iter().zip(answers) {
+        assert_eq!(status, 200, "{answer}");
+        let messages = [json!({"role": "system", "content": SYSTEM}), json!({"role": "user", "content": question})];
+        let (text, _, completion_tokens, _) = direct_greedy(&messages, MAX_TOKENS);
+        assert_eq!(answer["content"][0]["text"], text.as_str(), "{question}");
+        let record = h.record(answer["inference_id"].as_str().unwrap().parse().unwrap()).await;
+        assert_eq!(text_of(&record.output), text);
+        assert_eq!(record.usage.output_tokens as usize, completion_tokens);
+    }
+    let stats = served_model().scheduler().stats();
+    assert!(stats.steps < stats.generated_tokens, "calls shared decode steps: {stats:?}");
+}
+
 #[tokio::test]
 async fn a_prompt_longer_than_the_context_is_a_clear_error() {
     let h = Harness::start().await;
@@ -281,12 +320,12 @@ async fn missing_models_name_apprentice_model_fetch() {
 
 #[test]
 fn providers_naming_one_model_share_one_copy() {
-    let by_name = shared_model(&model_path()).unwrap();
+    let by_name = shared_model(&model_path(), &ServingSettings::default()).unwrap();
     assert!(Arc::ptr_eq(&by_name, served_model()));
     // Through a different spelling of the same file.
     let path = model_path();
     let dotted = path.parent().unwrap().join(".").join(path.file_name().unwrap());
-    assert!(Arc::ptr_eq(&shared_model(&dotted).unwrap(), served_model()));
+    assert!(Arc::ptr_eq(&shared_model(&dotted, &ServingSettings::default()).unwrap(), served_model()));
 }
 
 #[test]
@@ -315,7 +354,7 @@ fn tools_are_written_into_the_prompt_for_templates_without_tool_support() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_call_stops_generating() {
     use apprentice_gateway::providers::{LocalProvider, ModelRequest, Provider};
-    let provider = LocalProvider::new("local", served_model().clone(), None, None).unwrap();
+    let provider = LocalProvider::new("local", served_model().clone(), None).unwrap();
     let request = |text: &str, max_tokens: u32| ModelRequest {
         rendered: apprentice_core::RenderedRequest {
             system: None,
@@ -333,6 +372,13 @@ async fn an_abandoned_call_stops_generating() {
     let long = request("Write a very long essay about the history of Rome.", 4000);
     let abandoned = tokio::time::timeout(std::time::Duration::from_millis(500), provider.infer(&long)).await;
     assert!(abandoned.is_err(), "the long call should still have been running");
+    // Its place in the batch is freed at the next step, not at its end.
+    let scheduler = provider.model().scheduler();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while scheduler.stats().batch_size > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(scheduler.stats().batch_size, 0, "the abandoned call left the batch");
     let started = std::time::Instant::now();
     let answer = provider.infer(&request("Hi", 2)).await.unwrap();
     assert_eq!(answer.usage.output_tokens, 2);

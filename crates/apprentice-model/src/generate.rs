@@ -25,6 +25,10 @@ pub enum GenerateError {
     Prompt { row: usize, reason: String },
     #[error("row {row}: the model produced non-finite logits")]
     NonFinite { row: usize },
+    #[error("the model's scheduler has stopped")]
+    Stopped,
+    #[error("the batch step failed: {0}")]
+    Step(#[source] std::sync::Arc<crate::serve::engine::EngineError>),
 }
 
 /// Turns token ids into text; the tokenizer implements it, or pass a closure.
@@ -78,7 +82,7 @@ impl GenerateOptions {
         Self { max_new_tokens, temperature: 0.0, ..Self::default() }
     }
 
-    fn validate(&self, has_decoder: bool) -> Result<(), GenerateError> {
+    pub(crate) fn validate(&self, has_decoder: bool) -> Result<(), GenerateError> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(GenerateError::Options(format!("temperature {} must be >= 0", self.temperature)));
         }
@@ -311,21 +315,23 @@ fn decode(
     }
 }
 
-struct RowState {
+/// One sequence's sampling state: what it generated, its text and stops, its RNG. The batch
+/// generation here and the serving scheduler both drive it, so both sample and stop alike.
+pub(crate) struct RowState {
     prompt_tokens: usize,
     tokens: Vec<u32>,
     completion_tokens: usize,
-    rng: StdRng,
+    pub(crate) rng: StdRng,
     /// Decoded text of `tokens`, cut at a stop string once one is found.
     text: String,
     /// Bytes of `text` already streamed.
     emitted: usize,
-    finished: Option<FinishReason>,
+    pub(crate) finished: Option<FinishReason>,
     has_text: bool,
 }
 
 impl RowState {
-    fn new(prompt_tokens: usize, seed: u64, has_text: bool) -> Self {
+    pub(crate) fn new(prompt_tokens: usize, seed: u64, has_text: bool) -> Self {
         Self {
             prompt_tokens,
             tokens: Vec::new(),
@@ -338,12 +344,12 @@ impl RowState {
         }
     }
 
-    fn finish_as(mut self, reason: FinishReason) -> Generation {
+    pub(crate) fn finish_as(mut self, reason: FinishReason) -> Generation {
         self.finished = Some(reason);
         self.into_generation()
     }
 
-    fn into_generation(self) -> Generation {
+    pub(crate) fn into_generation(self) -> Generation {
         Generation {
             tokens: self.tokens,
             text: self.has_text.then_some(self.text),
@@ -354,7 +360,7 @@ impl RowState {
     }
 
     /// Takes one sampled token: records it, decodes, checks stops and limits, and streams.
-    fn step(
+    pub(crate) fn step(
         &mut self,
         row: usize,
         token: u32,
@@ -433,7 +439,12 @@ fn releasable_len(text: &str, stops: &[String]) -> usize {
 }
 
 /// Picks the next token from one row of logits; `None` if they are not finite.
-fn sample(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> Option<u32> {
+///
+/// Sampling walks the candidates from the most likely down until the draw is spent, and that walk
+/// rarely goes past the first few tokens: candidates are ranked lazily ([`Ranked`]) instead of
+/// sorting the whole vocabulary for every token (49,152 ids for SmolLM2, milliseconds a token,
+/// which a batch of sequences pays once per sequence).
+pub(crate) fn sample(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> Option<u32> {
     if logits.iter().any(|l| !l.is_finite()) {
         return None;
     }
@@ -446,40 +457,84 @@ fn sample(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> Option
         }
         return Some(best as u32);
     }
-    // Candidates by decreasing logit, ties by id, so the draw depends only on the seed.
-    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-    if let Some(k) = options.top_k.filter(|&k| k < order.len()) {
-        order.select_nth_unstable_by(k - 1, by_logit);
-        order.truncate(k);
-    }
-    order.sort_unstable_by(by_logit);
-
-    let max = logits[order[0] as usize] as f64;
-    let mut probs: Vec<f64> =
-        order.iter().map(|&i| ((logits[i as usize] as f64 - max) / options.temperature).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    let mut ranked = Ranked::new(logits, options.top_k);
+    let max = logits[ranked.get(0)? as usize] as f64;
+    let weight = |id: u32| ((logits[id as usize] as f64 - max) / options.temperature).exp();
+    // The whole mass in id order of the candidates: a fixed order, whatever the ranking did.
+    let total: f64 = ranked.candidates().iter().map(|&id| weight(id)).sum();
+    let mut kept = ranked.len();
+    let mut kept_mass = total;
     if let Some(top_p) = options.top_p {
+        // The smallest head of the ranking whose probability reaches top_p.
         let mut cumulative = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            cumulative += p;
-            if cumulative >= top_p {
-                keep = i + 1;
+        for i in 0..ranked.len() {
+            let w = weight(ranked.get(i)?);
+            cumulative += w;
+            if cumulative / total >= top_p {
+                kept = i + 1;
+                kept_mass = cumulative;
                 break;
             }
         }
-        probs.truncate(keep);
-        order.truncate(keep);
     }
-    let total: f64 = probs.iter().sum();
-    let mut draw = rng.gen::<f64>() * total;
-    for (i, p) in probs.iter().enumerate() {
-        draw -= p;
+    let mut draw = rng.gen::<f64>() * kept_mass;
+    for i in 0..kept {
+        let id = ranked.get(i)?;
+        draw -= weight(id);
         if draw < 0.0 {
-            return Some(order[i]);
+            return Some(id);
         }
     }
-    order.last().copied()
+    ranked.get(kept - 1)
+}
+
+/// Candidate ids by decreasing logit (ties by id), sorted only as far as they are read.
+struct Ranked<'a> {
+    logits: &'a [f32],
+    order: Vec<u32>,
+    /// `order[..sorted]` are the best `sorted` candidates, in order.
+    sorted: usize,
+}
+
+impl<'a> Ranked<'a> {
+    fn new(logits: &'a [f32], top_k: Option<usize>) -> Self {
+        let mut ranked = Self { logits, order: (0..logits.len() as u32).collect(), sorted: 0 };
+        if let Some(k) = top_k.filter(|&k| k < ranked.order.len()) {
+            let logits = ranked.logits;
+            ranked.order.select_nth_unstable_by(k - 1, |a, b| by_logit(logits, a, b));
+            ranked.order.truncate(k);
+        }
+        ranked
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn candidates(&self) -> &[u32] {
+        &self.order
+    }
+
+    /// The `i`-th best candidate.
+    fn get(&mut self, i: usize) -> Option<u32> {
+        if i >= self.order.len() {
+            return None;
+        }
+        if i >= self.sorted {
+            let logits = self.logits;
+            let upto = (self.sorted.max(16) * 8).max(i + 1).min(self.order.len());
+            let rest = &mut self.order[self.sorted..];
+            let nth = upto - self.sorted - 1;
+            if nth + 1 < rest.len() {
+                rest.select_nth_unstable_by(nth, |a, b| by_logit(logits, a, b));
+            }
+            rest[..=nth].sort_unstable_by(|a, b| by_logit(logits, a, b));
+            self.sorted = upto;
+        }
+        Some(self.order[i])
+    }
+}
+
+fn by_logit(logits: &[f32], a: &u32, b: &u32) -> std::cmp::Ordering {
+    logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b))
 }

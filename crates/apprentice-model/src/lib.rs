@@ -13,6 +13,7 @@ pub mod llama;
 pub mod load;
 pub mod ops;
 pub mod save;
+pub mod serve;
 pub mod tokenizer;
 
 pub use cache::{resolve_model, ModelCache};

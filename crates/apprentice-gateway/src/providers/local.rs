@@ -1,19 +1,21 @@
 //! A model run inside the gateway process (`type = "local"`): a student checkpoint or a base model
-//! from the model cache, served with candle.
+//! from the model cache, served on the CPU to many episodes at once.
 //!
 //! - **Loading.** Weights are loaded when the gateway starts (when its routers are built), not on
 //!   the first call: a missing or broken model is a startup error naming the config key, as for
 //!   every other provider, and the first request does not pay the load. Providers that name the
-//!   same file or folder share one loaded copy (a process-wide registry keyed by the resolved,
-//!   canonical path, holding weak references so a dropped gateway frees its models).
+//!   same file or folder with the same serving settings share one loaded copy (a process-wide
+//!   registry keyed by the resolved, canonical path and the settings, holding weak references so
+//!   a dropped gateway frees its models).
 //! - **Prompt.** The rendered request (system, messages, tools) is turned into OpenAI chat messages
 //!   exactly as the OpenAI provider sends them and as apprentice-curate exports training examples,
 //!   then rendered with the model's own chat template ([`ChatTemplate::render_prompt`]), so the
 //!   student is served the text it was trained on.
-//! - **Generation** runs on tokio's blocking pool. One generation runs at a time per loaded model
-//!   (a mutex): on a CPU every generation already uses all cores through candle's matmuls, so
-//!   running two at once would only interleave them; requests queue instead. Batching concurrent
-//!   requests would raise throughput and is not done yet.
+//! - **Generation** goes through the model's continuous-batching [`Scheduler`]: concurrent calls
+//!   are decoded together in one pass over the weights per token (stored as q8_0 blocks by
+//!   default), each with its own sampling parameters, and a call that names its episode continues
+//!   the keys and values the episode's previous call left, so only its new tokens are prefilled.
+//!   A call generates the same tokens whatever else runs beside it.
 //! - **Tool calls.** Templates that do not render tools natively (SmolLM2's) get the tool schemas
 //!   in the system message and write calls as `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
 //!   (apprentice-model's convention); such blocks in the output become tool calls when tools were
@@ -24,22 +26,19 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Instant;
 
-use apprentice_core::config::ToolChoice;
+use apprentice_core::config::{ToolChoice, WeightFormat};
 use apprentice_core::record::RenderedRequest;
 use apprentice_core::{ContentBlock, ToolCall, ToolDefinition, Usage};
 use apprentice_model::cache::{CacheError, ModelCache};
-use apprentice_model::{
-    generate_stream_reusing, ChatTemplate, FinishReason, GenerateOptions, Generation, Llama, PrefixCache, StreamEvent,
-    Tokenizer,
-};
+use apprentice_model::serve::{Request, Scheduler, SchedulerConfig, SchedulerStats, ServingModel};
+use apprentice_model::{ChatTemplate, FinishReason, GenerateOptions, Generation, StreamEvent, TokenDecoder, Tokenizer};
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::openai;
 use super::{ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse, StreamChunk, ToolCallDelta};
@@ -47,31 +46,65 @@ use super::{ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse
 const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";
 
-/// A loaded model with its tokenizer and chat template, shared by every provider that names it.
+/// How a loaded model is served: its weight format, threads and batching. Part of the key of the
+/// shared-model registry, so providers that differ here load their own copies.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ServingSettings {
+    pub weights: WeightFormat,
+    /// Threads of the model's own pool; `None`: rayon's global pool (one per core).
+    pub threads: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub prefill_chunk_tokens: Option<usize>,
+    pub prefix_cache_mb: Option<usize>,
+}
+
+impl ServingSettings {
+    /// From a `type = "local"` provider's config fields.
+    pub fn from_config(
+        weights: WeightFormat,
+        threads: Option<usize>,
+        max_batch: Option<usize>,
+        prefill_chunk_tokens: Option<usize>,
+        prefix_cache_mb: Option<usize>,
+    ) -> Self {
+        Self { weights, threads, max_batch, prefill_chunk_tokens, prefix_cache_mb }
+    }
+
+    fn scheduler(&self) -> SchedulerConfig {
+        let default = SchedulerConfig::default();
+        SchedulerConfig {
+            max_batch: self.max_batch.unwrap_or(default.max_batch),
+            prefill_chunk_tokens: self.prefill_chunk_tokens.unwrap_or(default.prefill_chunk_tokens),
+            prefix_cache_bytes: self.prefix_cache_mb.map_or(default.prefix_cache_bytes, |mb| mb << 20),
+        }
+    }
+}
+
+/// A loaded model with its tokenizer, chat template and scheduler, shared by every provider that
+/// names it with the same settings.
 pub struct LocalModel {
     path: PathBuf,
-    model: Llama,
-    tokenizer: Tokenizer,
+    settings: ServingSettings,
+    tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
     stop_token_ids: Vec<u32>,
-    /// One generation at a time (see the module docs), with the KV cache of the last one: an
-    /// agent's next turn extends the conversation it just had, and only the new tokens are
-    /// prefilled.
-    busy: Mutex<PrefixCache>,
+    context_length: usize,
+    scheduler: Scheduler,
 }
 
 impl std::fmt::Debug for LocalModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalModel").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("LocalModel").field("path", &self.path).field("settings", &self.settings).finish_non_exhaustive()
     }
 }
 
 impl LocalModel {
-    /// Loads the model, tokenizer and chat template at `path` (a GGUF file or an HF folder).
-    pub fn load(path: &Path) -> Result<Self, String> {
+    /// Loads the model, tokenizer and chat template at `path` (a GGUF file or an HF folder) and
+    /// starts its scheduler.
+    pub fn load(path: &Path, settings: &ServingSettings) -> Result<Self, String> {
         let started = Instant::now();
-        let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
-        let loaded = apprentice_model::load(path, &device).map_err(|e| format!("cannot load the model: {e}"))?;
+        let loaded =
+            apprentice_model::load(path, &candle_core::Device::Cpu).map_err(|e| format!("cannot load the model: {e}"))?;
         let tokenizer =
             Tokenizer::from_path(path).map_err(|e| format!("cannot load the tokenizer of {}: {e}", path.display()))?;
         let template = ChatTemplate::from_tokenizer(&tokenizer)
@@ -84,20 +117,55 @@ impl LocalModel {
                 path.display()
             ));
         }
-        tracing::info!(model = %path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "local model loaded");
+        let serving = ServingModel::from_llama(&loaded.model, settings.weights)
+            .map_err(|e| format!("cannot prepare {} for serving: {e}", path.display()))?;
+        let context_length = loaded.config.max_position_embeddings;
+        // The f32 training copy is not needed any more: serving keeps only its own layout.
+        drop(loaded);
+        let pool = match settings.threads {
+            Some(n) => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("apprentice-local-{i}"))
+                    .build()
+                    .map_err(|e| format!("cannot start {n} threads: {e}"))?,
+            )),
+            None => None,
+        };
+        let tokenizer = Arc::new(tokenizer);
+        let decoder: Arc<dyn TokenDecoder + Send + Sync> = {
+            let tokenizer = tokenizer.clone();
+            Arc::new(move |ids: &[u32]| tokenizer.decode(ids, true).unwrap_or_default())
+        };
+        let scheduler = settings.scheduler();
+        tracing::info!(
+            model = %path.display(),
+            weights = %settings.weights,
+            weight_mb = serving.weight_bytes() >> 20,
+            kv_kb_per_token = serving.kv_bytes_per_token() >> 10,
+            kernels = apprentice_model::serve::cpu_kernels(),
+            max_batch = scheduler.max_batch,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "local model loaded"
+        );
+        let scheduler = Scheduler::start(Arc::new(serving), Some(decoder), scheduler, pool);
         Ok(Self {
             path: path.to_path_buf(),
-            // Serving never trains: the detached copy shares the weights and builds no graph.
-            model: loaded.model.detached(),
+            settings: settings.clone(),
             tokenizer,
             template,
             stop_token_ids,
-            busy: Mutex::new(PrefixCache::default()),
+            context_length,
+            scheduler,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn settings(&self) -> &ServingSettings {
+        &self.settings
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -108,8 +176,8 @@ impl LocalModel {
         &self.template
     }
 
-    pub fn model(&self) -> &Llama {
-        &self.model
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
     }
 
     /// The ids that end a generation: the model's eos ids and the tokenizer's.
@@ -119,7 +187,7 @@ impl LocalModel {
 
     /// The model's own context length.
     pub fn context_length(&self) -> usize {
-        self.model.config().max_position_embeddings
+        self.context_length
     }
 
     /// The prompt text for `rendered`: OpenAI-shaped messages and tools through the chat template.
@@ -161,33 +229,48 @@ pub fn resolve(cache: &ModelCache, model: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Loaded models by canonical path. Weak references: a model lives as long as a provider uses it.
-fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LocalModel>>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, Weak<LocalModel>>>> = OnceLock::new();
+type Registry = HashMap<(PathBuf, ServingSettings), Weak<LocalModel>>;
+
+/// Loaded models by canonical path and settings. Weak references: a model lives as long as a
+/// provider uses it.
+fn registry() -> &'static Mutex<Registry> {
+    static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)
 }
 
-/// The model at `path`, loaded once per process while any provider holds it.
-pub fn shared_model(path: &Path) -> Result<Arc<LocalModel>, String> {
-    let key = path.canonicalize().map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+/// The model at `path` served with `settings`, loaded once per process while any provider holds it.
+pub fn shared_model(path: &Path, settings: &ServingSettings) -> Result<Arc<LocalModel>, String> {
+    let path = path.canonicalize().map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let key = (path, settings.clone());
     // Held while loading, so two providers naming one model never load it twice.
     let mut models = registry().lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(model) = models.get(&key).and_then(Weak::upgrade) {
         return Ok(model);
     }
-    let model = Arc::new(LocalModel::load(&key)?);
+    let model = Arc::new(LocalModel::load(&key.0, settings)?);
     models.retain(|_, weak| weak.strong_count() > 0);
     models.insert(key, Arc::downgrade(&model));
     Ok(model)
 }
 
-/// One configured local provider: a shared model, this provider's context limit and threads.
+/// The scheduler figures of every loaded local model, by model path and weight format.
+pub fn loaded_model_stats() -> Vec<(String, WeightFormat, SchedulerStats)> {
+    let models = registry().lock().unwrap_or_else(PoisonError::into_inner);
+    let mut stats: Vec<_> = models
+        .values()
+        .filter_map(Weak::upgrade)
+        .map(|m| (m.path.display().to_string(), m.settings.weights, m.scheduler.stats()))
+        .collect();
+    stats.sort_by(|a, b| (&a.0, a.1.name()).cmp(&(&b.0, b.1.name())));
+    stats
+}
+
+/// One configured local provider: a shared model and this provider's context limit.
 #[derive(Clone)]
 pub struct LocalProvider {
     name: String,
     model: Arc<LocalModel>,
     max_context: usize,
-    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl std::fmt::Debug for LocalProvider {
@@ -202,8 +285,7 @@ impl std::fmt::Debug for LocalProvider {
 
 /// What one call will run, prepared before any generation starts.
 struct Job {
-    prompt: Vec<u32>,
-    options: GenerateOptions,
+    request: Request,
     /// Parse `<tool_call>` blocks out of the output.
     tool_calls: bool,
 }
@@ -214,20 +296,19 @@ impl LocalProvider {
         name: &str,
         model: &str,
         max_context_tokens: Option<usize>,
-        threads: Option<usize>,
+        serving: ServingSettings,
     ) -> Result<Self, ProviderError> {
         let config_error = |message: String| ProviderError::Config { provider: name.to_string(), message };
         let cache = ModelCache::from_env().map_err(|e| config_error(e.to_string()))?;
         let path = resolve(&cache, model).map_err(config_error)?;
-        let model = shared_model(&path).map_err(config_error)?;
-        Self::new(name, model, max_context_tokens, threads)
+        let model = shared_model(&path, &serving).map_err(config_error)?;
+        Self::new(name, model, max_context_tokens)
     }
 
     pub fn new(
         name: impl Into<String>,
         model: Arc<LocalModel>,
         max_context_tokens: Option<usize>,
-        threads: Option<usize>,
     ) -> Result<Self, ProviderError> {
         let name = name.into();
         let limit = model.context_length();
@@ -241,17 +322,7 @@ impl LocalProvider {
             Some(n) => n,
             None => limit,
         };
-        let pool = match threads {
-            Some(n) => Some(Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .thread_name(|i| format!("apprentice-local-{i}"))
-                    .build()
-                    .map_err(|e| ProviderError::Config { provider: name.clone(), message: e.to_string() })?,
-            )),
-            None => None,
-        };
-        Ok(Self { name, model, max_context, pool })
+        Ok(Self { name, model, max_context })
     }
 
     pub fn model(&self) -> &Arc<LocalModel> {
@@ -291,58 +362,46 @@ impl LocalProvider {
             stop_strings: Vec::new(),
         };
         let tool_calls = !request.rendered.tools.is_empty() && request.tool_choice != ToolChoice::None;
-        Ok(Job { prompt, options, tool_calls })
+        let prefix_key = request.episode_id.map(|id| id.to_string());
+        Ok(Job { request: Request { prompt, options, prefix_key }, tool_calls })
     }
 
-    /// Runs `job` on the blocking pool, one generation per model at a time, calling `on_event`
-    /// as tokens come. Dropping the returned future (a client that hung up on a non-streamed
-    /// call, whose answer nobody would see or record) stops the generation at its next token.
+    /// Queues `job` on the model's scheduler and waits for it, `on_event` seeing the tokens as
+    /// they come (on the scheduler's thread). Dropping the returned future (a client that hung up
+    /// on a non-streamed call, whose answer nobody would see or record) takes the request out of
+    /// the batch at the next step.
     async fn run(
         &self,
-        job: Job,
-        mut on_event: impl FnMut(StreamEvent<'_>) -> ControlFlow<()> + Send + 'static,
+        job: Request,
+        on_event: impl FnMut(StreamEvent<'_>) -> ControlFlow<()> + Send + 'static,
     ) -> Result<Generation, ProviderError> {
-        let model = self.model.clone();
-        let pool = self.pool.clone();
-        let name = self.name.clone();
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let _on_drop = SetOnDrop(abandoned.clone());
-        let on_event = move |event: StreamEvent<'_>| {
-            if abandoned.load(Ordering::Relaxed) {
-                return ControlFlow::Break(());
+        let (done, outcome) = oneshot::channel();
+        let prompt_tokens = job.prompt.len();
+        let _ticket = self
+            .model
+            .scheduler
+            .submit(
+                job,
+                Box::new(on_event),
+                Box::new(move |outcome| {
+                    let _ = done.send(outcome);
+                }),
+            )
+            .map_err(|e| self.error(format!("cannot generate: {e}")))?
+            .cancel_on_drop();
+        match outcome.await {
+            Ok(Ok(completion)) => {
+                tracing::debug!(
+                    prompt_tokens,
+                    reused = completion.reused_tokens,
+                    queued_ms = completion.queued.as_millis() as u64,
+                    "local generation"
+                );
+                Ok(completion.generation)
             }
-            on_event(event)
-        };
-        let task = tokio::task::spawn_blocking(move || {
-            let mut turn = model.busy.lock().unwrap_or_else(PoisonError::into_inner);
-            // The cache itself, not the guard, goes to the pool's thread (a guard is not Send).
-            let prefix: &mut PrefixCache = &mut turn;
-            let decode = |ids: &[u32]| model.tokenizer.decode(ids, true).unwrap_or_default();
-            let generate =
-                || generate_stream_reusing(&model.model, &job.prompt, &job.options, Some(&decode), prefix, on_event);
-            let result = match &pool {
-                Some(pool) => pool.install(generate),
-                None => generate(),
-            };
-            result.map(|(generation, reused)| {
-                tracing::debug!(prompt_tokens = job.prompt.len(), reused, "local generation");
-                generation
-            })
-        });
-        match task.await {
-            Ok(Ok(generation)) => Ok(generation),
-            Ok(Err(e)) => Err(ProviderError::Local { provider: name, message: format!("generation failed: {e}") }),
-            Err(e) => Err(ProviderError::Local { provider: name, message: format!("generation panicked: {e}") }),
+            Ok(Err(e)) => Err(self.error(format!("generation failed: {e}"))),
+            Err(_) => Err(self.error("the model's scheduler stopped before answering")),
         }
-    }
-}
-
-/// Raises its flag when dropped.
-struct SetOnDrop(Arc<AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -365,7 +424,7 @@ impl Provider for LocalProvider {
     async fn infer(&self, request: &ModelRequest) -> Result<ProviderResponse, ProviderError> {
         let job = self.job(request)?;
         let mut splitter = ToolCallSplitter::new(job.tool_calls);
-        let generation = self.run(job, |_| ControlFlow::Continue(())).await?;
+        let generation = self.run(job.request, |_| ControlFlow::Continue(())).await?;
         let mut text = splitter.push(generation.text.as_deref().unwrap_or_default());
         let (rest, calls) = splitter.finish();
         text.push_str(&rest);
@@ -384,7 +443,9 @@ impl Provider for LocalProvider {
 
     async fn infer_stream(&self, request: &ModelRequest) -> Result<ChunkStream, ProviderError> {
         let job = self.job(request)?;
-        let (tx, rx) = mpsc::channel::<Result<StreamChunk, ProviderError>>(64);
+        // Unbounded: the scheduler's thread must never wait for a slow reader (the whole batch
+        // would wait), and a stream holds at most `max_tokens` pieces.
+        let (tx, rx) = mpsc::unbounded_channel::<Result<StreamChunk, ProviderError>>();
         let splitter = Arc::new(Mutex::new(ToolCallSplitter::new(job.tool_calls)));
         let on_event = {
             let tx = tx.clone();
@@ -397,8 +458,7 @@ impl Provider for LocalProvider {
                 if text.is_empty() {
                     return ControlFlow::Continue(());
                 }
-                // Runs on the blocking pool, where waiting for the consumer is allowed.
-                match tx.blocking_send(Ok(StreamChunk { text: Some(text), ..StreamChunk::default() })) {
+                match tx.send(Ok(StreamChunk { text: Some(text), ..StreamChunk::default() })) {
                     Ok(()) => ControlFlow::Continue(()),
                     // Nobody reads the stream any more: stop generating.
                     Err(_) => ControlFlow::Break(()),
@@ -407,10 +467,10 @@ impl Provider for LocalProvider {
         };
         let provider = self.clone();
         tokio::spawn(async move {
-            let generation = match provider.run(job, on_event).await {
+            let generation = match provider.run(job.request, on_event).await {
                 Ok(generation) => generation,
                 Err(e) => {
-                    let _ = tx.send(Err(e)).await;
+                    let _ = tx.send(Err(e));
                     return;
                 }
             };
@@ -433,9 +493,9 @@ impl Provider for LocalProvider {
                 usage: Some(usage(&generation)),
                 finish_reason: Some(finish_reason(generation.finish_reason, has_calls)),
             };
-            let _ = tx.send(Ok(last)).await;
+            let _ = tx.send(Ok(last));
         });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(Box::pin(UnboundedReceiverStream::new(rx)))
     }
 }
 

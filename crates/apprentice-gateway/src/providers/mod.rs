@@ -37,6 +37,8 @@ pub struct ModelRequest {
     pub top_p: Option<f64>,
     pub max_tokens: Option<u32>,
     pub seed: Option<u64>,
+    /// The episode the call belongs to: a local model continues the episode's cached sequence.
+    pub episode_id: Option<uuid::Uuid>,
     /// For json functions: how to ask the provider for JSON, and the schema to follow.
     pub json_mode: Option<JsonMode>,
     pub output_schema: Option<Value>,

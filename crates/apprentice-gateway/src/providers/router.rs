@@ -10,7 +10,7 @@ use apprentice_core::Config;
 use super::anthropic::AnthropicProvider;
 use super::dummy::DummyProvider;
 use super::http::HttpSettings;
-use super::local::LocalProvider;
+use super::local::{LocalProvider, ServingSettings};
 use super::openai::OpenAiProvider;
 use super::{ChunkStream, ModelRequest, Provider, ProviderError, ProviderResponse};
 
@@ -147,8 +147,17 @@ pub fn build_provider(
             let settings = HttpSettings::resolve(name, model_name, api_base, Some(api_key_env), *timeout_s)?;
             Arc::new(AnthropicProvider::new(name, settings, client.clone()))
         }
-        ProviderConfig::Local { model, max_context_tokens, threads } => {
-            Arc::new(LocalProvider::from_config(name, model, *max_context_tokens, *threads)?)
+        ProviderConfig::Local {
+            model,
+            max_context_tokens,
+            threads,
+            weights,
+            max_batch,
+            prefill_chunk_tokens,
+            prefix_cache_mb,
+        } => {
+            let serving = ServingSettings::from_config(*weights, *threads, *max_batch, *prefill_chunk_tokens, *prefix_cache_mb);
+            Arc::new(LocalProvider::from_config(name, model, *max_context_tokens, serving)?)
         }
         ProviderConfig::Dummy { behavior, content } => Arc::new(DummyProvider::new(name, *behavior, content.clone())),
     })
