@@ -111,7 +111,8 @@ pub enum DummyBehavior {
     Error,
 }
 
-/// How a local model's projection weights are stored for serving.
+/// How a local model's projection weights are stored for serving (apprentice-model's kernels
+/// implement each).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 pub enum WeightFormat {
     /// Blocks of 32 weights as 8-bit integers with one f32 scale (llama.cpp's q8_0 layout).
@@ -141,7 +142,7 @@ impl std::str::FromStr for WeightFormat {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
+        match s.trim().to_ascii_lowercase().as_str() {
             "q8_0" | "q8" => Ok(WeightFormat::Q8_0),
             "f32" => Ok(WeightFormat::F32),
             other => Err(format!("unknown weight format `{other}` (expected q8_0 or f32)")),

@@ -23,54 +23,15 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::str::FromStr;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-/// How a [`WeightMatrix`] stores its values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum WeightFormat {
-    /// 4 bytes per weight, products in f32 with FMA.
-    F32,
-    /// llama.cpp's q8_0: blocks of 32 signed bytes sharing one scale (`d = max|w| / 127`).
-    #[default]
-    #[serde(rename = "q8_0", alias = "q8")]
-    Q8_0,
-}
-
-impl WeightFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightFormat::F32 => "f32",
-            WeightFormat::Q8_0 => "q8_0",
-        }
-    }
-}
-
-impl fmt::Display for WeightFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for WeightFormat {
-    type Err = KernelError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" => Ok(WeightFormat::F32),
-            "q8_0" | "q8" => Ok(WeightFormat::Q8_0),
-            _ => Err(KernelError::UnknownFormat { given: s.to_string() }),
-        }
-    }
-}
+/// How a [`WeightMatrix`] stores its values: the config's setting (`weights = "q8_0"`).
+pub use apprentice_core::config::WeightFormat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("unknown weight format `{given}`: expected `f32` or `q8_0`")]
-    UnknownFormat { given: String },
     #[error("a {rows}×{cols} weight matrix needs {} values, got {given}", rows * cols)]
     ValueCount { rows: usize, cols: usize, given: usize },
     #[error("a weight matrix needs at least one row and one column, got {rows}×{cols}")]
