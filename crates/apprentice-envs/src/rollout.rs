@@ -6,7 +6,8 @@
 //!   inferences of the env's function, under a variant named for the expert and its ε.
 //! - Any function or variant served by a gateway (a real LLM, the dummy provider, a local student)
 //!   is called through the gateway's HTTP API, which records it; the env's feedback is sent to the
-//!   gateway's `/feedback`.
+//!   gateway's `/feedback`. Every call carries a sampling seed derived from (seed, task, step), see
+//!   [`step_seed`], so a rollout does not depend on how many episodes are played at once.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -106,9 +107,16 @@ pub struct RolloutOptions {
     pub split: Split,
     pub start_index: u64,
     pub episodes: u64,
-    /// Episodes played at once (useful for LLM policies, whose calls wait on the network).
+    /// Episodes played at once (LLM policies wait on the network; a local model decodes the
+    /// concurrent episodes' calls in one batch). Results do not depend on it: episodes come back in
+    /// task order, and every random draw is seeded from (seed, task, step) only.
     pub concurrency: usize,
-    /// Seeds the noise of a noisy expert; episode i's noise depends only on (seed, task).
+    /// Seeds the noise of a noisy expert (episode i's noise depends only on (seed, task)) and the
+    /// sampling of gateway policies: step `s` (0 for the first call) of task `t` is sent with
+    /// `params.seed = step_seed(seed, t, s)` and its episode id (from the second step on; the gateway
+    /// mints it at the first). A request's seed overrides a variant's own `seed`, as for any request
+    /// that sets `params`. Which variant an unpinned function picks still depends on the minted
+    /// episode id, hence is not reproducible; pin a variant for reproducible rollouts.
     pub seed: u64,
     /// Added to every step's tags (with `env` and `task`), e.g. an evaluation run's id.
     pub tags: BTreeMap<String, String>,
@@ -233,7 +241,7 @@ async fn play_episode<E: Env>(
     let mut tags = options.tags.clone();
     tags.insert("env".to_string(), env.spec().name.clone());
     tags.insert("task".to_string(), task.to_string());
-    let mut steps = 0;
+    let mut steps: u32 = 0;
     loop {
         let started = Instant::now();
         let (inference_id, answer) = match (policy, sink) {
@@ -250,7 +258,8 @@ async fn play_episode<E: Env>(
                 (id, answer)
             }
             (_, Sink::Gateway(gateway)) => {
-                let (id, episode, answer) = gateway.infer(episode_id, &observation, &tags).await?;
+                let seed = step_seed(options.seed, task, steps);
+                let (id, episode, answer) = gateway.infer(episode_id, &observation, &tags, seed).await?;
                 episode_id = Some(episode);
                 (id, answer)
             }
@@ -414,6 +423,7 @@ impl GatewaySink {
         episode_id: Option<Uuid>,
         observation: &Observation,
         tags: &BTreeMap<String, String>,
+        seed: u64,
     ) -> Result<(Uuid, Uuid, Vec<ContentBlock>), RolloutError> {
         let body = json!({
             "function_name": self.function_name,
@@ -421,6 +431,7 @@ impl GatewaySink {
             "episode_id": episode_id,
             "input": observation.input,
             "tags": tags,
+            "params": {"seed": seed},
         });
         let answer = self.post("/inference", &body).await?;
         let bad = |what: &str| RolloutError::Gateway {
@@ -456,7 +467,20 @@ impl GatewaySink {
     }
 }
 
-/// A tiny seeded generator for the expert's noise, identical on every platform.
+/// The sampling seed of step `step` (0 for the first call) of `task` played by a gateway policy
+/// under the rollout seed `seed`; it depends on nothing else (not on the concurrency, the order in
+/// which episodes finish, or the time). Each input is mixed in with a SplitMix64 step:
+/// `h = mix(mix(mix(seed) ^ (index | split << 63)) ^ step)`, where `mix(x)` is the first output of
+/// SplitMix64 seeded with `x` and split is 0 for train, 1 for test; the result keeps h's top 53
+/// bits, so it fits an int64 (what OpenAI-compatible APIs take) and is exact as a JSON double.
+pub fn step_seed(seed: u64, task: TaskId, step: u32) -> u64 {
+    let mix = |x: u64| SplitMix64::new(x).next_u64();
+    let task_key = task.index | ((task.split as u64) << 63);
+    mix(mix(mix(seed) ^ task_key) ^ u64::from(step)) >> 11
+}
+
+/// A tiny seeded generator for the expert's noise and the gateway steps' seeds, identical on every
+/// platform.
 struct SplitMix64(u64);
 
 impl SplitMix64 {
@@ -497,5 +521,24 @@ mod tests {
             }
         );
         assert!(Policy::gateway("http://h", "babyai::act").is_err());
+    }
+
+    #[test]
+    fn step_seeds_depend_on_seed_task_and_step_only() {
+        let task = |split, index| TaskId { split, index };
+        let a = step_seed(7, task(Split::Train, 3), 2);
+        assert_eq!(a, step_seed(7, task(Split::Train, 3), 2));
+        assert!(a < 1 << 53);
+        let others = [
+            step_seed(8, task(Split::Train, 3), 2),
+            step_seed(7, task(Split::Test, 3), 2),
+            step_seed(7, task(Split::Train, 4), 2),
+            step_seed(7, task(Split::Train, 3), 1),
+        ];
+        assert!(others.iter().all(|&o| o != a), "{a} {others:?}");
+        // Pinned, so a change of the formula is a deliberate one (recorded seeds would change).
+        // Computed apart from this code (Python) from the formula in step_seed's doc.
+        assert_eq!(step_seed(0, task(Split::Train, 0), 0), 1_249_383_295_688_599);
+        assert_eq!(step_seed(7, task(Split::Test, 3), 2), 4_789_239_972_798_806);
     }
 }

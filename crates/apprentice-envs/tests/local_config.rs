@@ -12,7 +12,7 @@ fn a_local_model_gets_its_models_section_and_the_variant_its_params() {
     let model = &config.models["local::smollm2-135m"];
     assert_eq!(model.providers.len(), 1);
     assert!(
-        matches!(&model.providers[0].1, apprentice_core::config::ProviderConfig::Local { model, max_context_tokens: None, threads: None } if model == "smollm2-135m"),
+        matches!(&model.providers[0].1, apprentice_core::config::ProviderConfig::Local { model, max_context_tokens: None, threads: None, .. } if model == "smollm2-135m"),
         "{:?}",
         model.providers
     );

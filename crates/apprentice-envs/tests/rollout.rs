@@ -7,7 +7,7 @@ use std::sync::Arc;
 use apprentice_core::config::{MetricType, Optimize, WriteMode};
 use apprentice_core::{Config, ContentBlock, FeedbackValue, Input, InputMessage, MetricLevel, Role, SystemInput};
 use apprentice_envs::babyai::BabyAi;
-use apprentice_envs::rollout::{rollout, Policy, RolloutOptions, RolloutSummary};
+use apprentice_envs::rollout::{rollout, step_seed, Policy, RolloutOptions, RolloutSummary};
 use apprentice_envs::{
     Env, EnvError, EnvSpec, Feedback, FunctionSpec, MetricSpec, Observation, Split, StepOutcome, TaskId,
 };
@@ -229,6 +229,56 @@ async fn gateway_policy_with_a_mock_llm_records_the_same_way() {
     server.shutdown().await.unwrap();
 }
 
+/// A gateway policy sends every step a seed derived from (rollout seed, task, step) only: played one
+/// episode at a time or four at once, the same tasks send the same seeds and, with an LLM that
+/// answers from the seed, play the same episodes.
+#[tokio::test]
+async fn gateway_policy_sends_the_same_seeds_and_plays_the_same_episodes_at_any_concurrency() {
+    let mut played = Vec::new();
+    for concurrency in [1, 4] {
+        let (server, store, _dir) = gateway_with_seeded_mock_llm(&Corridor::new().spec).await;
+        let policy = Policy::gateway(&server.url(), "function::corridor::act/mock-llm").unwrap();
+        let options = RolloutOptions {
+            split: Split::Test,
+            start_index: 3,
+            episodes: 12,
+            concurrency,
+            seed: 5,
+            tags: Default::default(),
+        };
+        let summary = rollout(Corridor::new, &policy, None, &options, |_| {}).await.unwrap();
+        server.shutdown().await.unwrap();
+
+        let mut seeds = Vec::new();
+        for episode in &summary.episodes {
+            let task: TaskId = episode.task.parse().unwrap();
+            let steps = store
+                .inferences(&InferenceQuery { episode_id: Some(episode.episode_id), ..Default::default() })
+                .await
+                .unwrap();
+            assert_eq!(steps.len() as u32, episode.steps);
+            for inference in &steps {
+                // The conversation is the first observation, then an answer and an observation per step.
+                let step = (inference.input.messages.len() as u32 - 1) / 2;
+                let seed = inference.params["seed"].as_u64().expect("every step is sent with a seed");
+                assert_eq!(seed, step_seed(5, task, step), "{task} step {step}");
+                seeds.push((episode.task.clone(), step, seed));
+            }
+        }
+        seeds.sort();
+        let episodes: Vec<(String, u32, bool, bool)> =
+            summary.episodes.iter().map(|e| (e.task.clone(), e.steps, e.success, e.truncated)).collect();
+        played.push((episodes, seeds));
+    }
+    let (episodes, seeds) = &played[0];
+    let tasks: Vec<&str> = episodes.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(tasks, (3..15).map(|i| format!("test/{i}")).collect::<Vec<_>>(), "in task order");
+    let successes = episodes.iter().filter(|e| e.2).count();
+    assert!(0 < successes && successes < 12, "answers follow the seeds, so some episodes fail: {episodes:?}");
+    assert_eq!(seeds.iter().map(|s| s.2).collect::<std::collections::BTreeSet<_>>().len(), seeds.len(), "distinct");
+    assert_eq!(played[0], played[1], "concurrency 1 and 4 differ");
+}
+
 #[tokio::test]
 async fn babyai_noisy_expert_rollout_of_200_episodes_lands_in_the_store() {
     let (_dir, store, recorder) = expert_store().await;
@@ -302,6 +352,38 @@ async fn gateway_with_mock_llm(
             }))
         }),
     );
+    serve_mock_llm(spec, app).await
+}
+
+/// A gateway serving `spec`'s function through a loopback OpenAI-compatible "LLM" that answers
+/// `forward`, `back` or `wait` as the request's seed modulo 3 says (`wait` without a seed).
+async fn gateway_with_seeded_mock_llm(
+    spec: &apprentice_envs::EnvSpec,
+) -> (apprentice_gateway::RunningGateway, Arc<SqliteStore>, tempfile::TempDir) {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|axum::Json(body): axum::Json<serde_json::Value>| async move {
+            let answer = match body["seed"].as_u64().map(|s| s % 3) {
+                Some(0) => "forward",
+                Some(1) => "back",
+                _ => "wait",
+            };
+            axum::Json(json!({
+                "id": "x", "object": "chat.completion", "created": 0, "model": "mock",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 120, "completion_tokens": 1, "total_tokens": 121}
+            }))
+        }),
+    );
+    serve_mock_llm(spec, app).await
+}
+
+/// A gateway whose model `llm` is the OpenAI-compatible `app`, served on a loopback port, recording
+/// into a fresh store.
+async fn serve_mock_llm(
+    spec: &apprentice_envs::EnvSpec,
+    app: axum::Router,
+) -> (apprentice_gateway::RunningGateway, Arc<SqliteStore>, tempfile::TempDir) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

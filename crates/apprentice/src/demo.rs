@@ -382,6 +382,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             plan.test_episodes.to_string(),
             s("--max-steps"),
             max_steps,
+            // The students' calls of concurrent episodes are decoded in one batch.
+            s("--concurrency"),
+            crate::envs::DEFAULT_CONCURRENCY.to_string(),
             s("--run-id"),
             s("demo"),
             s("--policy"),

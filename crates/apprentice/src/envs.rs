@@ -12,6 +12,11 @@ use apprentice_envs::{make_env, Env, EnvOptions, Split, TaskId, VariantParams};
 use apprentice_store::{Recorder, SqliteStore, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Episodes played at once by `rollout` and `eval` unless `--concurrency` says otherwise: a local
+/// model decodes up to 8 concurrent calls in one batch (its default batch cap), and remote APIs and
+/// experts gain from overlapping calls too. Results do not depend on it.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+
 /// Which env, and how its tasks are made: the same flags for `rollout` and `eval`.
 #[derive(clap::Args)]
 pub struct EnvArgs {
@@ -57,9 +62,12 @@ pub struct RolloutArgs {
     /// ...or this SQLite file.
     #[arg(long, default_value = "apprentice.db")]
     store: PathBuf,
-    #[arg(long, default_value_t = 1)]
+    /// Episodes played at once; the default is a local model's default batch (remote APIs and
+    /// experts gain from concurrency too). Results do not depend on it: every step is seeded from
+    /// (--seed, task, step).
+    #[arg(long, default_value_t = DEFAULT_CONCURRENCY)]
     concurrency: usize,
-    /// Seeds the noisy expert's random actions.
+    /// Seeds the noisy expert's random actions and the sampling seed sent with each gateway step.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also write every episode's summary as JSON here.

@@ -13,7 +13,7 @@ use apprentice_gateway::{Gateway, RunningGateway};
 use apprentice_store::{Recorder, SqliteStore, Store};
 use clap::Args;
 
-use crate::envs::EnvArgs;
+use crate::envs::{EnvArgs, DEFAULT_CONCURRENCY};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// Where function policies are served and steps recorded: the same flags for `eval` and `replay`.
@@ -47,9 +47,12 @@ pub struct EvalArgs {
     policies: Vec<String>,
     #[command(flatten)]
     served: GatewayArgs,
-    #[arg(long, default_value_t = 1)]
+    /// Episodes played at once per policy; the default is a local model's default batch (remote
+    /// APIs and experts gain from concurrency too). Results do not depend on it: the same tasks are
+    /// played in the same order, every step seeded from (--seed, task, step).
+    #[arg(long, default_value_t = DEFAULT_CONCURRENCY)]
     concurrency: usize,
-    /// Seeds noisy experts.
+    /// Seeds noisy experts and the sampling seed sent with each gateway step.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Tags every step (`eval_run`); default: eval-<UTC time>.
