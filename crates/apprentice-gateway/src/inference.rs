@@ -235,7 +235,10 @@ impl Gateway {
         let cost = prepared
             .router
             .price()
-            .map(|p| p.cost(response.usage.input_tokens, response.usage.output_tokens, latency.as_secs_f64() * 1000.0));
+            .map(|p| {
+                let compute_ms = response.compute_ms.unwrap_or(latency.as_secs_f64() * 1000.0);
+                p.cost(response.usage.input_tokens, response.usage.output_tokens, compute_ms)
+            });
         let record = InferenceRecord {
             id: prepared.inference_id,
             function_name: prepared.function_name,

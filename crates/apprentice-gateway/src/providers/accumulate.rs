@@ -14,6 +14,7 @@ pub struct StreamAccumulator {
     tool_calls: BTreeMap<usize, PartialCall>,
     usage: Option<Usage>,
     finish_reason: Option<String>,
+    compute_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -45,6 +46,9 @@ impl StreamAccumulator {
             call.arguments.push_str(&delta.arguments);
         }
         // Usage is usually sent once, at the end; if sent more often, the last count is the total.
+        if chunk.compute_ms.is_some() {
+            self.compute_ms = chunk.compute_ms;
+        }
         if chunk.usage.is_some() {
             self.usage = chunk.usage;
         }
@@ -72,6 +76,11 @@ impl StreamAccumulator {
                 arguments: call.arguments,
             }));
         }
-        ProviderResponse { content, usage: self.usage.unwrap_or_default(), finish_reason: self.finish_reason }
+        ProviderResponse {
+            content,
+            usage: self.usage.unwrap_or_default(),
+            finish_reason: self.finish_reason,
+            compute_ms: self.compute_ms,
+        }
     }
 }

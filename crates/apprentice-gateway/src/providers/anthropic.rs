@@ -265,6 +265,7 @@ fn parse_response(body: MessagesResponse) -> ProviderResponse {
             output_tokens: body.usage.output_tokens.unwrap_or(0),
         },
         finish_reason: body.stop_reason.as_deref().map(finish_reason),
+        compute_ms: None,
     }
 }
 

@@ -69,7 +69,7 @@ impl Provider for DummyProvider {
             Reply::Text(text) => (vec![ContentBlock::Text { text }], "stop"),
             Reply::Call(call) => (vec![ContentBlock::ToolCall(call)], "tool_calls"),
         };
-        Ok(ProviderResponse { content, usage, finish_reason: Some(finish_reason.to_string()) })
+        Ok(ProviderResponse { content, usage, finish_reason: Some(finish_reason.to_string()), compute_ms: None })
     }
 
     async fn infer_stream(&self, request: &ModelRequest) -> Result<ChunkStream, ProviderError> {

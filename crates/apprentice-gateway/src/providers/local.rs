@@ -33,7 +33,7 @@ use apprentice_core::config::{ToolChoice, WeightFormat};
 use apprentice_core::record::RenderedRequest;
 use apprentice_core::{ContentBlock, ToolCall, ToolDefinition, Usage};
 use apprentice_model::cache::{CacheError, ModelCache};
-use apprentice_model::serve::{Request, Scheduler, SchedulerConfig, SchedulerStats, ServingModel};
+use apprentice_model::serve::{Completion, Request, Scheduler, SchedulerConfig, SchedulerStats, ServingModel};
 use apprentice_model::{ChatTemplate, FinishReason, GenerateOptions, Generation, StreamEvent, TokenDecoder, Tokenizer};
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -374,7 +374,7 @@ impl LocalProvider {
         &self,
         job: Request,
         on_event: impl FnMut(StreamEvent<'_>) -> ControlFlow<()> + Send + 'static,
-    ) -> Result<Generation, ProviderError> {
+    ) -> Result<Completion, ProviderError> {
         let (done, outcome) = oneshot::channel();
         let prompt_tokens = job.prompt.len();
         let _ticket = self
@@ -397,7 +397,7 @@ impl LocalProvider {
                     queued_ms = completion.queued.as_millis() as u64,
                     "local generation"
                 );
-                Ok(completion.generation)
+                Ok(completion)
             }
             Ok(Err(e)) => Err(self.error(format!("generation failed: {e}"))),
             Err(_) => Err(self.error("the model's scheduler stopped before answering")),
@@ -424,7 +424,8 @@ impl Provider for LocalProvider {
     async fn infer(&self, request: &ModelRequest) -> Result<ProviderResponse, ProviderError> {
         let job = self.job(request)?;
         let mut splitter = ToolCallSplitter::new(job.tool_calls);
-        let generation = self.run(job.request, |_| ControlFlow::Continue(())).await?;
+        let completion = self.run(job.request, |_| ControlFlow::Continue(())).await?;
+        let generation = &completion.generation;
         let mut text = splitter.push(generation.text.as_deref().unwrap_or_default());
         let (rest, calls) = splitter.finish();
         text.push_str(&rest);
@@ -436,8 +437,9 @@ impl Provider for LocalProvider {
         content.extend(calls.into_iter().map(ContentBlock::ToolCall));
         Ok(ProviderResponse {
             content,
-            usage: usage(&generation),
+            usage: usage(generation),
             finish_reason: Some(finish_reason(generation.finish_reason, has_calls)),
+            compute_ms: Some(completion.compute.as_secs_f64() * 1000.0),
         })
     }
 
@@ -467,8 +469,8 @@ impl Provider for LocalProvider {
         };
         let provider = self.clone();
         tokio::spawn(async move {
-            let generation = match provider.run(job.request, on_event).await {
-                Ok(generation) => generation,
+            let completion = match provider.run(job.request, on_event).await {
+                Ok(completion) => completion,
                 Err(e) => {
                     let _ = tx.send(Err(e));
                     return;
@@ -490,8 +492,9 @@ impl Provider for LocalProvider {
             let last = StreamChunk {
                 text: (!rest.is_empty()).then_some(rest),
                 tool_calls,
-                usage: Some(usage(&generation)),
-                finish_reason: Some(finish_reason(generation.finish_reason, has_calls)),
+                usage: Some(usage(&completion.generation)),
+                finish_reason: Some(finish_reason(completion.generation.finish_reason, has_calls)),
+                compute_ms: Some(completion.compute.as_secs_f64() * 1000.0),
             };
             let _ = tx.send(Ok(last));
         });

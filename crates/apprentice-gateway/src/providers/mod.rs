@@ -50,6 +50,9 @@ pub struct ProviderResponse {
     pub content: Vec<ContentBlock>,
     pub usage: Usage,
     pub finish_reason: Option<String>,
+    /// Machine time the call used, when it is not its latency: a local model decoding several
+    /// calls in one batch charges each its share of every step. A price per hour applies to it.
+    pub compute_ms: Option<f64>,
 }
 
 /// One piece of a streamed answer.
@@ -60,6 +63,8 @@ pub struct StreamChunk {
     /// Usually only on the last chunk.
     pub usage: Option<Usage>,
     pub finish_reason: Option<String>,
+    /// See [`ProviderResponse::compute_ms`]; on the last chunk.
+    pub compute_ms: Option<f64>,
 }
 
 /// A fragment of a streamed tool call; fragments with the same `index` concatenate.

@@ -326,7 +326,7 @@ fn parse_response(provider: &str, body: ChatResponse) -> Result<ProviderResponse
             arguments: call.function.arguments,
         }));
     }
-    Ok(ProviderResponse { content, usage, finish_reason: choice.finish_reason })
+    Ok(ProviderResponse { content, usage, finish_reason: choice.finish_reason, compute_ms: None })
 }
 
 // ---------------------------------------------------------------------------------------------

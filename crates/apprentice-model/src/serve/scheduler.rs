@@ -70,6 +70,9 @@ pub struct Completion {
     pub reused_tokens: usize,
     /// Time spent waiting for a place in the batch.
     pub queued: Duration,
+    /// The request's share of the machine: each step's time divided among the sequences in it.
+    /// What a price per hour of compute applies to (its latency counts the other sequences too).
+    pub compute: Duration,
 }
 
 /// Stops its request when cancelled (or dropped after [`Ticket::cancel_on_drop`]).
@@ -284,6 +287,7 @@ struct Running {
     cancelled: Arc<AtomicBool>,
     reused_tokens: usize,
     queued: Duration,
+    compute: Duration,
     /// The last sampled token, fed in the next step.
     next: u32,
 }
@@ -370,7 +374,12 @@ impl<'a> Worker<'a> {
         let row = RowState::new(request.prompt.len(), request.options.seed, self.decoder.is_some());
         if request.options.max_new_tokens == 0 || cancelled.load(Ordering::Relaxed) {
             let reason = if request.options.max_new_tokens == 0 { FinishReason::Length } else { FinishReason::Cancelled };
-            let completion = Completion { generation: row.finish_as(reason), reused_tokens: 0, queued: enqueued.elapsed() };
+            let completion = Completion {
+                generation: row.finish_as(reason),
+                reused_tokens: 0,
+                queued: enqueued.elapsed(),
+                compute: Duration::ZERO,
+            };
             done(Ok(completion));
             return;
         }
@@ -392,6 +401,7 @@ impl<'a> Worker<'a> {
             cancelled,
             reused_tokens,
             queued: enqueued.elapsed(),
+            compute: Duration::ZERO,
             next: 0,
         });
     }
@@ -431,8 +441,13 @@ impl<'a> Worker<'a> {
             chunks.push(Chunk { cache: &mut running.cache, tokens, logits });
             members.push(i);
         }
+        let started = Instant::now();
         let logits = self.model.forward(&mut chunks)?;
         drop(chunks);
+        let share = started.elapsed() / members.len() as u32;
+        for &i in &members {
+            self.running[i].compute += share;
+        }
 
         let counters = &self.shared.counters;
         counters.prefilled_tokens.fetch_add(fed_prompt_tokens as u64, Ordering::Relaxed);
@@ -477,14 +492,14 @@ impl<'a> Worker<'a> {
 
     /// Completes a request and keeps its cache for the episode's next turn.
     fn finish(&mut self, running: Running) {
-        let Running { cache, prefix_key, row, done, reused_tokens, queued, .. } = running;
+        let Running { cache, prefix_key, row, done, reused_tokens, queued, compute, .. } = running;
         // Cached before the caller hears of it, so the episode's next turn always finds it.
         if !cache.is_empty() {
             self.prefixes.put(prefix_key, cache);
             self.publish_prefix_stats();
         }
         if let Some(done) = done {
-            done(Ok(Completion { generation: row.into_generation(), reused_tokens, queued }));
+            done(Ok(Completion { generation: row.into_generation(), reused_tokens, queued, compute }));
         }
     }
 
