@@ -186,7 +186,7 @@ pub enum ProviderConfig {
         /// CPU threads for this model's generation; default: rayon's (one per core).
         #[serde(default)]
         threads: Option<usize>,
-        /// How the projections are stored for serving: `q8_0` (default: 1.06 bytes a weight,
+        /// How the projections are stored for serving: `q8_0` (default: 1.125 bytes a weight,
         /// the fastest measured, README `bench serve`) or `f32`.
         #[serde(default)]
         weights: WeightFormat,

@@ -72,16 +72,17 @@ fn f32_serving_equals_the_training_model_and_q8_0_stays_within_tolerance() {
     // f32 serving differs from the training model only in summation order.
     let f32_diff = max_abs(&f32_logits, &training);
     assert!(f32_diff < 2e-3 * spread, "f32 serving: max |diff| {f32_diff} (logits up to {spread})");
-    // q8_0 rounds every weight to 1/254 of its block's largest and every activation likewise.
+    // q8_0 rounds every weight to 1/254 of its block's largest (activations stay f32).
     let q8_diff = max_abs(&q8_logits, &f32_logits);
     assert!(q8_diff < 0.05 * spread, "q8_0: max |diff| {q8_diff} (logits up to {spread})");
 
     eprintln!("max |logit diff| against the training model: f32 {f32_diff}, q8_0 {q8_diff} (logits up to {spread})");
 
-    // Greedy tokens: q8_0 follows f32's greedy path for the first 14 tokens of this prompt
-    // (measured), then takes another word at a near tie; llama.cpp's Q4_1 leaves it after 6.
+    // Greedy tokens: q8_0 follows f32's greedy path for all 24 tokens of this prompt (measured;
+    // 12 are required, as a near tie may flip one day); llama.cpp's Q4_1 leaves it after 6.
     let f32_tokens = greedy(&f32_model, &tokens, 24);
     let q8_tokens = greedy(&q8_model, &tokens, 24);
     let agree = f32_tokens.iter().zip(&q8_tokens).take_while(|(a, b)| a == b).count();
+    eprintln!("q8_0 and f32 greedy tokens agree for {agree} of {}", f32_tokens.len());
     assert!(agree >= 12, "q8_0 and f32 greedy tokens part after {agree}: {f32_tokens:?} vs {q8_tokens:?}");
 }
