@@ -684,8 +684,7 @@ impl Resolver<'_> {
     /// A value is a path when it names something that exists there, or looks like one (a path
     /// separator, a `.gguf` ending); otherwise it is a cached model name, resolved at startup.
     fn local_provider(&self, key: &str, config: &ProviderConfig) -> Result<ProviderConfig, ConfigError> {
-        let ProviderConfig::Local { model, max_context_tokens, threads, max_batch, prefill_chunk_tokens, .. } =
-            config
+        let ProviderConfig::Local { model, max_context_tokens, threads, max_batch, prefill_chunk_tokens, .. } = config
         else {
             return Ok(config.clone());
         };
@@ -695,11 +694,9 @@ impl Resolver<'_> {
         if *max_context_tokens == Some(0) {
             return Err(self.err(format!("{key}.max_context_tokens"), "must be at least 1"));
         }
-        for (field, value) in [
-            ("threads", threads),
-            ("max_batch", max_batch),
-            ("prefill_chunk_tokens", prefill_chunk_tokens),
-        ] {
+        for (field, value) in
+            [("threads", threads), ("max_batch", max_batch), ("prefill_chunk_tokens", prefill_chunk_tokens)]
+        {
             if *value == Some(0) {
                 return Err(self.err(format!("{key}.{field}"), "must be at least 1"));
             }

@@ -232,13 +232,10 @@ impl Gateway {
                 InferenceOutput::Json(json_output(&response.content, prepared.output_schema.as_ref()))
             }
         };
-        let cost = prepared
-            .router
-            .price()
-            .map(|p| {
-                let compute_ms = response.compute_ms.unwrap_or(latency.as_secs_f64() * 1000.0);
-                p.cost(response.usage.input_tokens, response.usage.output_tokens, compute_ms)
-            });
+        let cost = prepared.router.price().map(|p| {
+            let compute_ms = response.compute_ms.unwrap_or(latency.as_secs_f64() * 1000.0);
+            p.cost(response.usage.input_tokens, response.usage.output_tokens, compute_ms)
+        });
         let record = InferenceRecord {
             id: prepared.inference_id,
             function_name: prepared.function_name,

@@ -5,11 +5,11 @@
 
 use std::sync::{Arc, OnceLock};
 
+use apprentice_core::config::WeightFormat;
 use apprentice_core::{Config, ContentBlock, InferenceOutput, ToolDefinition};
 use apprentice_gateway::providers::local::{resolve, shared_model, LocalModel, ServingSettings};
 use apprentice_gateway::{Gateway, RunningGateway};
 use apprentice_model::cache::ModelCache;
-use apprentice_core::config::WeightFormat;
 use apprentice_model::serve::{Request, Scheduler, SchedulerConfig, ServingModel};
 use apprentice_model::{resolve_model, GenerateOptions, LoadedModel, Tokenizer};
 use apprentice_store::{InferenceQuery, SqliteStore};

@@ -73,11 +73,8 @@ fn a_sequence_gets_the_same_logits_alone_and_in_a_ragged_batch() {
         })
         .collect();
     let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut chunks: Vec<Chunk> = caches
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(cache, p)| Chunk { cache, tokens: p.as_slice(), logits: true })
-        .collect();
+    let mut chunks: Vec<Chunk> =
+        caches.iter_mut().zip(&prompts).map(|(cache, p)| Chunk { cache, tokens: p.as_slice(), logits: true }).collect();
     let together = model.forward(&mut chunks).unwrap();
     for (i, (a, b)) in alone.iter().zip(together).enumerate() {
         assert_eq!(a, &b.unwrap(), "sequence {i} differs bit for bit in the batch");
@@ -93,7 +90,11 @@ fn run_all(model: &Arc<ServingModel>, config: SchedulerConfig, requests: &[Reque
     for (i, request) in requests.iter().enumerate() {
         let tx = tx.clone();
         let ticket = scheduler
-            .submit(request.clone(), Box::new(|_| ControlFlow::Continue(())), Box::new(move |c| tx.send((i, c)).unwrap()))
+            .submit(
+                request.clone(),
+                Box::new(|_| ControlFlow::Continue(())),
+                Box::new(move |c| tx.send((i, c)).unwrap()),
+            )
             .unwrap();
         tickets.push(ticket);
         if stagger {
@@ -167,10 +168,11 @@ fn a_cancelled_request_frees_its_place_for_the_next() {
     let short = Request { options: GenerateOptions::greedy(3), ..long.clone() };
     let (tx, rx) = mpsc::channel::<(&str, Result<Completion, GenerateError>)>();
     let (started_tx, started) = mpsc::channel();
-    let submit = |request: Request, name: &'static str, sink: Box<dyn FnMut(StreamEvent<'_>) -> ControlFlow<()> + Send>| {
-        let tx = tx.clone();
-        scheduler.submit(request, sink, Box::new(move |c| tx.send((name, c)).unwrap())).unwrap()
-    };
+    let submit =
+        |request: Request, name: &'static str, sink: Box<dyn FnMut(StreamEvent<'_>) -> ControlFlow<()> + Send>| {
+            let tx = tx.clone();
+            scheduler.submit(request, sink, Box::new(move |c| tx.send((name, c)).unwrap())).unwrap()
+        };
     let long_ticket: Ticket = submit(
         long.clone(),
         "long",
@@ -243,7 +245,11 @@ fn each_episode_continues_its_own_prefix_while_others_run_in_between() {
             let prefilled = scheduler.stats().prefilled_tokens - before;
             if !first_turn {
                 // Only the answer and the new observation are new.
-                assert!(completion.reused_tokens >= conversation.len() - 12, "turn {turn} episode {e}: reused {}", completion.reused_tokens);
+                assert!(
+                    completion.reused_tokens >= conversation.len() - 12,
+                    "turn {turn} episode {e}: reused {}",
+                    completion.reused_tokens
+                );
                 assert_eq!(prefilled as usize, conversation.len() - completion.reused_tokens);
             }
             conversation.extend(completion.generation.tokens.iter().copied());
@@ -256,14 +262,21 @@ fn each_episode_continues_its_own_prefix_while_others_run_in_between() {
     assert!(stats.reused_tokens > stats.prefilled_tokens, "{stats:?}");
 
     // The same conversation played without any cache gives the same answer.
-    let fresh = Scheduler::start(model.clone(), None, SchedulerConfig { prefix_cache_bytes: 0, ..SchedulerConfig::default() }, None);
+    let fresh = Scheduler::start(
+        model.clone(),
+        None,
+        SchedulerConfig { prefix_cache_bytes: 0, ..SchedulerConfig::default() },
+        None,
+    );
     let (tx, rx) = mpsc::channel();
     let request = Request {
         prompt: conversations[1].clone(),
         options: GenerateOptions { stop_token_ids: vec![2], ..GenerateOptions::greedy(4) },
         prefix_key: None,
     };
-    let _t = fresh.submit(request.clone(), Box::new(|_| ControlFlow::Continue(())), Box::new(move |c| tx.send(c).unwrap())).unwrap();
+    let _t = fresh
+        .submit(request.clone(), Box::new(|_| ControlFlow::Continue(())), Box::new(move |c| tx.send(c).unwrap()))
+        .unwrap();
     let without = rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
     let with = generate(&request.prompt, "episode-1");
     assert_eq!(without.reused_tokens, 0);
@@ -278,7 +291,11 @@ fn bad_requests_are_refused_before_they_queue() {
     let scheduler = Scheduler::start(model, None, SchedulerConfig::default(), None);
     let submit = |prompt: Vec<u32>, options: GenerateOptions| {
         scheduler
-            .submit(Request { prompt, options, prefix_key: None }, Box::new(|_| ControlFlow::Continue(())), Box::new(|_| {}))
+            .submit(
+                Request { prompt, options, prefix_key: None },
+                Box::new(|_| ControlFlow::Continue(())),
+                Box::new(|_| {}),
+            )
             .map(|_| ())
             .unwrap_err()
             .to_string()

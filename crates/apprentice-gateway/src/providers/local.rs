@@ -103,8 +103,8 @@ impl LocalModel {
     /// starts its scheduler.
     pub fn load(path: &Path, settings: &ServingSettings) -> Result<Self, String> {
         let started = Instant::now();
-        let loaded =
-            apprentice_model::load(path, &candle_core::Device::Cpu).map_err(|e| format!("cannot load the model: {e}"))?;
+        let loaded = apprentice_model::load(path, &candle_core::Device::Cpu)
+            .map_err(|e| format!("cannot load the model: {e}"))?;
         let tokenizer =
             Tokenizer::from_path(path).map_err(|e| format!("cannot load the tokenizer of {}: {e}", path.display()))?;
         let template = ChatTemplate::from_tokenizer(&tokenizer)

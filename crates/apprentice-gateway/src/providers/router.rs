@@ -156,7 +156,8 @@ pub fn build_provider(
             prefill_chunk_tokens,
             prefix_cache_mb,
         } => {
-            let serving = ServingSettings::from_config(*weights, *threads, *max_batch, *prefill_chunk_tokens, *prefix_cache_mb);
+            let serving =
+                ServingSettings::from_config(*weights, *threads, *max_batch, *prefill_chunk_tokens, *prefix_cache_mb);
             Arc::new(LocalProvider::from_config(name, model, *max_context_tokens, serving)?)
         }
         ProviderConfig::Dummy { behavior, content } => Arc::new(DummyProvider::new(name, *behavior, content.clone())),

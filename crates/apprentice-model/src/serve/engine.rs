@@ -92,7 +92,12 @@ impl SequenceCache {
     pub fn prefix(&self, len: usize) -> Self {
         let len = len.min(self.len());
         let copy = |layers: &[Vec<f32>]| layers.iter().map(|l| l[..len * self.width].to_vec()).collect();
-        Self { tokens: self.tokens[..len].to_vec(), keys: copy(&self.keys), values: copy(&self.values), width: self.width }
+        Self {
+            tokens: self.tokens[..len].to_vec(),
+            keys: copy(&self.keys),
+            values: copy(&self.values),
+            width: self.width,
+        }
     }
 
     /// Memory the cached keys and values take.

@@ -8,8 +8,8 @@
 //! - [`scheduler`]: continuous batching: requests join the running batch between decode steps,
 //!   leave when they finish, and leave their KV cache behind for the episode's next turn.
 
-pub mod kernels;
 pub mod engine;
+pub mod kernels;
 pub mod scheduler;
 
 pub use engine::{Chunk, EngineError, SequenceCache, ServingModel};

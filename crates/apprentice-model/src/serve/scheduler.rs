@@ -25,7 +25,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::engine::{Chunk, SequenceCache, ServingModel};
-use crate::generate::{sample, FinishReason, GenerateError, GenerateOptions, Generation, RowState, StreamEvent, TokenDecoder};
+use crate::generate::{
+    sample, FinishReason, GenerateError, GenerateOptions, Generation, RowState, StreamEvent, TokenDecoder,
+};
 
 /// How a [`Scheduler`] batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,7 +226,10 @@ impl Scheduler {
             return Err(GenerateError::Prompt { row: 0, reason: "empty prompt".into() });
         }
         if let Some(&bad) = request.prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(GenerateError::Prompt { row: 0, reason: format!("token id {bad} outside the vocabulary of {vocab}") });
+            return Err(GenerateError::Prompt {
+                row: 0,
+                reason: format!("token id {bad} outside the vocabulary of {vocab}"),
+            });
         }
         let cancelled = Arc::new(AtomicBool::new(false));
         let pending = Pending { request, sink, done, cancelled: cancelled.clone(), enqueued: Instant::now() };
@@ -373,7 +378,8 @@ impl<'a> Worker<'a> {
         counters.requests.fetch_add(1, Ordering::Relaxed);
         let row = RowState::new(request.prompt.len(), request.options.seed, self.decoder.is_some());
         if request.options.max_new_tokens == 0 || cancelled.load(Ordering::Relaxed) {
-            let reason = if request.options.max_new_tokens == 0 { FinishReason::Length } else { FinishReason::Cancelled };
+            let reason =
+                if request.options.max_new_tokens == 0 { FinishReason::Length } else { FinishReason::Cancelled };
             let completion = Completion {
                 generation: row.finish_as(reason),
                 reused_tokens: 0,
