@@ -1,6 +1,7 @@
 //! The `apprentice` command line: each command is a thin call into a library crate.
 
 mod bench_model;
+mod bench_serve;
 mod bench_train;
 mod curate;
 mod demo;
@@ -97,6 +98,9 @@ enum Bench {
     Model(bench_model::BenchModelArgs),
     /// LoRA training tokens/s of the student next to PyTorch + transformers + peft, and peak memory.
     Train(bench_train::BenchTrainArgs),
+    /// K concurrent agent-like clients against a local model through the gateway: aggregate
+    /// tokens/s, requests/s and latency per K, next to llama.cpp single stream.
+    Serve(bench_serve::BenchServeArgs),
     /// Latency the gateway adds (p50/p99) against a loopback upstream, direct vs through the gateway.
     Gateway {
         #[arg(long, default_value_t = 2000)]
@@ -149,7 +153,10 @@ fn main() -> anyhow::Result<()> {
     ) {
         keep_freed_memory();
     }
-    if matches!(cli.command, Command::Train(_) | Command::Demo(_) | Command::Bench { bench: Bench::Train(_) }) {
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Demo(_) | Command::Bench { bench: Bench::Train(_) | Bench::Serve(_) }
+    ) {
         elementwise_ops_on_the_calling_thread();
     }
     if let Command::Bench { bench: Bench::Model(args) } = &cli.command {
@@ -228,6 +235,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench { bench: Bench::Curate(args) } => curate::bench(args).await,
         Command::Bench { bench: Bench::Model(args) } => bench_model::run(args),
         Command::Bench { bench: Bench::Train(args) } => bench_train::run(args),
+        Command::Bench { bench: Bench::Serve(args) } => bench_serve::run(args).await,
         Command::Bench {
             bench: Bench::Gateway { rate, duration_s, warmup_s, connections, write_mode, openai_api, json },
         } => {
