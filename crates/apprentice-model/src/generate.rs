@@ -187,67 +187,8 @@ pub fn generate_stream(
     let mut cache = KvCache::new(model.config(), batch);
     let input = Tensor::from_vec(ids, (batch, width), &device)?;
     let input_mask = Tensor::from_vec(mask, (batch, width), &device)?;
-    decode(model, &mut rows, &mut cache, input, input_mask, options, decoder, &mut on_event, None)?;
+    decode(model, &mut rows, &mut cache, input, input_mask, options, decoder, &mut on_event)?;
     Ok(rows.into_iter().map(|r| r.into_generation()).collect())
-}
-
-/// The KV cache of the last single-prompt generation and the tokens it holds. An agent's next
-/// turn repeats the whole conversation so far; with this cache only what is new since the last
-/// call is prefilled (the common token prefix is reused), not the conversation again.
-#[derive(Debug, Default)]
-pub struct PrefixCache {
-    tokens: Vec<u32>,
-    cache: Option<KvCache>,
-}
-
-impl PrefixCache {
-    /// Tokens whose keys and values are cached.
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-}
-
-/// [`generate_stream`] for one prompt, reusing `prefix` for the longest common token prefix with
-/// the previous call and leaving this call's cache in it. Returns the generation and how many
-/// prompt tokens came from the cache. The output is the same as without the cache (up to float
-/// rounding of batched against incremental attention).
-pub fn generate_stream_reusing(
-    model: &Llama,
-    prompt: &[u32],
-    options: &GenerateOptions,
-    decoder: Option<&dyn TokenDecoder>,
-    prefix: &mut PrefixCache,
-    mut on_event: impl FnMut(StreamEvent<'_>) -> ControlFlow<()>,
-) -> Result<(Generation, usize), GenerateError> {
-    validate_prompts(model, &[prompt], options, decoder)?;
-    let mut rows = vec![RowState::new(prompt.len(), options.seed, decoder.is_some())];
-    if options.max_new_tokens == 0 {
-        return Ok((rows.remove(0).finish_as(FinishReason::Length), 0));
-    }
-    let model = &model.detached();
-    let device = model.embed_tokens.embeddings().device().clone();
-    // At least the prompt's last token is fed again: its logits start the generation.
-    let common = prefix.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
-    let mut cache = match prefix.cache.take() {
-        Some(mut cache) if common > 0 && cache.batch_size() == 1 => {
-            cache.truncate(common)?;
-            cache
-        }
-        _ => KvCache::new(model.config(), 1),
-    };
-    let reused = cache.len();
-    prefix.tokens.clear();
-    let fresh = &prompt[reused..];
-    let input = Tensor::from_vec(fresh.to_vec(), (1, fresh.len()), &device)?;
-    let input_mask = Tensor::from_vec(vec![1u8; fresh.len()], (1, fresh.len()), &device)?;
-    let mut fed = prompt.to_vec();
-    decode(model, &mut rows, &mut cache, input, input_mask, options, decoder, &mut on_event, Some(&mut fed))?;
-    *prefix = PrefixCache { tokens: fed, cache: Some(cache) };
-    Ok((rows.remove(0).into_generation(), reused))
 }
 
 fn validate_prompts(
@@ -273,7 +214,6 @@ fn validate_prompts(
 }
 
 /// The decoding loop: forward `input`, sample every unfinished row, feed the samples back.
-/// `fed` (one row only) collects every token that enters the cache.
 #[allow(clippy::too_many_arguments)]
 fn decode(
     model: &Llama,
@@ -284,7 +224,6 @@ fn decode(
     options: &GenerateOptions,
     decoder: Option<&dyn TokenDecoder>,
     on_event: &mut impl FnMut(StreamEvent<'_>) -> ControlFlow<()>,
-    mut fed: Option<&mut Vec<u32>>,
 ) -> Result<(), GenerateError> {
     let batch = rows.len();
     let device = input.device().clone();
@@ -306,9 +245,6 @@ fn decode(
         }
         if rows.iter().all(|r| r.finished.is_some()) {
             return Ok(());
-        }
-        if let Some(fed) = fed.as_deref_mut() {
-            fed.push(next[0]);
         }
         input = Tensor::from_vec(next, (batch, 1), &device)?;
         input_mask = Tensor::from_vec(next_mask, (batch, 1), &device)?;

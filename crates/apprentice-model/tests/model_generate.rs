@@ -7,8 +7,7 @@ mod model_support;
 use std::ops::ControlFlow;
 
 use apprentice_model::generate::{
-    generate, generate_stream, generate_stream_reusing, FinishReason, GenerateError, GenerateOptions, Generation,
-    PrefixCache, StreamEvent,
+    generate, generate_stream, FinishReason, GenerateError, GenerateOptions, Generation, StreamEvent,
 };
 use apprentice_model::llama::Llama;
 use candle_core::IndexOp;
@@ -87,42 +86,6 @@ fn batch_generation_equals_each_prompt_alone() {
             assert_eq!(batch[row], alone[0], "row {row}, temperature {}", options.temperature);
             assert_eq!(batch[row].prompt_tokens, prompt.len());
         }
-    }
-}
-
-#[test]
-fn a_conversation_reuses_its_cached_prefix_with_the_same_output() {
-    for config in [tiny_llama(false), tiny_qwen2()] {
-        let model = random_model(&config, 34).model;
-        let mut prefix = PrefixCache::default();
-        let mut conversation = vec![1u32, 17, 42, 8, 95];
-        for turn in 0..4u32 {
-            let options = GenerateOptions::greedy(6);
-            let (cached, reused) = generate_stream_reusing(&model, &conversation, &options, None, &mut prefix, |_| {
-                ControlFlow::Continue(())
-            })
-            .unwrap();
-            let fresh = generate(&model, std::slice::from_ref(&conversation), &options, None).unwrap();
-            assert_eq!(cached.tokens, fresh[0].tokens, "turn {turn}");
-            assert_eq!(cached.prompt_tokens, conversation.len());
-            if turn == 0 {
-                assert_eq!(reused, 0);
-            } else {
-                // Everything up to the previous answer's last fed token comes from the cache.
-                assert!(reused >= conversation.len() - 4, "turn {turn}: reused {reused} of {}", conversation.len());
-            }
-            // The next turn: the answer, then new "user" tokens.
-            conversation.extend(&cached.tokens);
-            conversation.extend([3 + turn, 60, 2]);
-        }
-        // A prompt that diverges early reuses only the common part.
-        let other = vec![1u32, 17, 90, 90, 90, 90];
-        let options = GenerateOptions::greedy(6);
-        let (cached, reused) =
-            generate_stream_reusing(&model, &other, &options, None, &mut prefix, |_| ControlFlow::Continue(()))
-                .unwrap();
-        assert_eq!(reused, 2);
-        assert_eq!(cached.tokens, generate(&model, std::slice::from_ref(&other), &options, None).unwrap()[0].tokens);
     }
 }
 
