@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use apprentice_model::bench::{run_model_bench, LlamaCppWeights, ModelBenchOptions};
 use apprentice_model::cache::resolve_model;
+use apprentice_model::serve::WeightFormat;
 
 fn smollm2() -> PathBuf {
     resolve_model("smollm2-135m")
@@ -21,6 +22,7 @@ fn tiny(python: Option<String>) -> ModelBenchOptions {
         python,
         transformers: true,
         llama_cpp: vec![LlamaCppWeights::Source, LlamaCppWeights::F16],
+        serving: vec![WeightFormat::Q8_0],
     }
 }
 
@@ -54,8 +56,13 @@ fn ours_is_measured_and_missing_baselines_say_how_to_install_them() {
     assert!(report.model_storage.starts_with("Q4_1"), "{}", report.model_storage);
 
     let labels: Vec<&str> = report.rows.iter().map(|r| r.label.as_str()).collect();
-    assert_eq!(labels, ["apprentice", "transformers", "llama.cpp Q4_1", "llama.cpp f16"]);
-    for row in &report.rows[1..] {
+    assert_eq!(labels, ["apprentice", "apprentice serve q8_0", "transformers", "llama.cpp Q4_1", "llama.cpp f16"]);
+    let serving = report.rows[1].measurement.as_ref().expect("the serving engine is measured");
+    assert_eq!(serving.tokens.len(), 4);
+    assert!(serving.prefill_tokens_per_s > 0.0 && serving.decode_tokens_per_s > 0.0);
+    assert!(report.rows[1].same_tokens_as_ours.is_some());
+    assert!(report.targets.iter().any(|t| t.target.starts_with("apprentice serve q8_0")), "{:?}", report.targets);
+    for row in &report.rows[2..] {
         assert!(row.measurement.is_none());
         let reason = row.unavailable.as_deref().unwrap();
         assert!(reason.contains("missing Python packages: torch"), "{reason}");
@@ -75,8 +82,8 @@ fn ours_is_measured_and_missing_baselines_say_how_to_install_them() {
 #[test]
 fn a_missing_interpreter_is_reported_not_fatal() {
     let report = run_model_bench(&smollm2(), &tiny(Some("/nonexistent/python3".into()))).unwrap();
-    assert!(report.rows[0].measurement.is_some());
-    for row in &report.rows[1..] {
+    assert!(report.rows[0].measurement.is_some() && report.rows[1].measurement.is_some());
+    for row in &report.rows[2..] {
         let reason = row.unavailable.as_deref().unwrap();
         assert!(reason.contains("not found"), "{reason}");
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use apprentice_model::bench::{run_model_bench, LlamaCppWeights, ModelBenchOptions};
 use apprentice_model::cache::ModelCache;
+use apprentice_model::serve::WeightFormat;
 
 #[derive(clap::Args)]
 pub struct BenchModelArgs {
@@ -36,6 +37,10 @@ pub struct BenchModelArgs {
     /// from our dequantised weights); empty for none.
     #[arg(long, value_delimiter = ',', default_value = "source,f16,f32")]
     llama_cpp: Vec<String>,
+    /// Serving-engine rows (what local providers serve with), one per weight format: `q8_0`,
+    /// `f32`; empty for none.
+    #[arg(long, value_delimiter = ',', default_value = "q8_0,f32")]
+    serving: Vec<String>,
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -67,6 +72,12 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<()> {
         .filter(|s| !s.is_empty())
         .map(|s| LlamaCppWeights::parse(s).with_context(|| format!("unknown --llama-cpp weights `{s}`")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let serving = args
+        .serving
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<WeightFormat>().map_err(anyhow::Error::msg).with_context(|| format!("--serving `{s}`")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let python = std::env::var("APPRENTICE_PYTHON").ok().filter(|p| !p.is_empty());
     let options = ModelBenchOptions {
         prompt_tokens: args.prompt_tokens,
@@ -76,6 +87,7 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<()> {
         python: if args.no_baselines { None } else { Some(args.python.or(python).unwrap_or_else(|| "python3".into())) },
         transformers: !args.no_transformers,
         llama_cpp,
+        serving,
     };
     let report = run_model_bench(&model.path, &options)?;
     println!("{}", report.table());
