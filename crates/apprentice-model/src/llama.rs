@@ -715,6 +715,33 @@ impl Llama {
         self.run_inner(input_ids, None, None, false, true)
     }
 
+    /// Like [`Llama::forward_hidden`] for rows that each pack several sequences sharing a prefix
+    /// (see [`PackedRows`]): every slot gets its given position and attends only to what it
+    /// would see in its own sequence, so its hidden state is the one that sequence alone gives.
+    pub fn forward_hidden_packed(&self, input_ids: &Tensor, packed: &PackedRows) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2().map_err(|_| {
+            LlamaError::Input(format!("input_ids must be [batch, time], got shape {:?}", input_ids.dims()))
+        })?;
+        let well_shaped = packed.positions.len() == b
+            && packed.segments.len() == b
+            && packed.positions.iter().all(|row| row.len() == t)
+            && packed.segments.iter().all(|row| row.len() == t);
+        if !well_shaped {
+            return Err(LlamaError::Input(format!(
+                "packed rows must give a position and a segment for each of the {b} x {t} slots"
+            )));
+        }
+        let dtype = self.embed_tokens.embeddings().dtype();
+        let device = input_ids.device();
+        let (cos, sin) = self.rotary.angles(&packed.positions, dtype, device)?;
+        let mask = packed.attention_bias(dtype, device)?;
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, Some(&mask), None)?;
+        }
+        self.norm.forward(&x)
+    }
+
     /// Logits of hidden states `[..., hidden]` (the output projection: `lm_head` or the tied
     /// embeddings).
     pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -819,6 +846,44 @@ impl Llama {
             c.next_position = next_positions;
         }
         Ok(logits)
+    }
+}
+
+/// The layout of packed rows: per row and slot, the slot's position in its own sequence and its
+/// segment. Segment 0 is the prefix shared by the row's sequences; each other segment continues
+/// that prefix as one sequence, so a slot attends to earlier slots of its own segment and of
+/// segment 0. [`PackedRows::PADDING`] marks padding, which nothing attends to.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PackedRows {
+    pub positions: Vec<Vec<usize>>,
+    pub segments: Vec<Vec<u32>>,
+}
+
+impl PackedRows {
+    pub const PADDING: u32 = u32::MAX;
+
+    /// `[rows, 1, T, T]`: 0 where a slot may attend, -inf elsewhere; a slot always sees itself,
+    /// so no softmax row is all -inf.
+    fn attention_bias(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.segments.first().map_or(0, Vec::len);
+        let mut bias = Vec::with_capacity(self.segments.len() * t * t);
+        for row in &self.segments {
+            for (q, &query_segment) in row.iter().enumerate() {
+                bias.extend(row.iter().enumerate().map(|(k, &key_segment)| {
+                    let visible = k == q
+                        || (k < q
+                            && key_segment != Self::PADDING
+                            && query_segment != Self::PADDING
+                            && (key_segment == 0 || key_segment == query_segment));
+                    if visible {
+                        0f32
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        Ok(Tensor::from_vec(bias, (self.segments.len(), 1, t, t), device)?.to_dtype(dtype)?)
     }
 }
 

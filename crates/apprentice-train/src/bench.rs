@@ -33,7 +33,8 @@ pub fn synthetic_examples(batch: usize, seq_len: usize, vocab: usize, seed: u64)
         .map(|_| {
             // seq_len inputs and seq_len targets: seq_len + 1 ids.
             let input_ids: Vec<u32> = (0..=seq_len).map(|_| rng.gen_range(0..vocab as u32)).collect();
-            Example { weights: vec![1.0; input_ids.len()], input_ids }
+            let weights = vec![1.0; input_ids.len()];
+            Example::new(input_ids, weights)
         })
         .collect()
 }

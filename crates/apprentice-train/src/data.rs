@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use apprentice_model::{ChatTemplate, Tokenizer};
+use apprentice_model::{ChatTemplate, PackedRows, Tokenizer};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -12,17 +12,109 @@ use serde::Serialize;
 use crate::error::{Result, TrainError};
 
 /// One rendered example: ids and, per token, its loss weight (message weight × example weight;
-/// 0 = context only).
+/// 0 = context only). An example made by [`share_prefixes`] packs several sequences behind their
+/// common prefix and says where each token sits in its own sequence (`layout`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub input_ids: Vec<u32>,
     pub weights: Vec<f32>,
+    pub layout: Option<PrefixLayout>,
+}
+
+/// Per token of a packed example: its position in its own sequence, and its segment (0: the
+/// shared prefix; `i ≥ 1`: the rest of the `i`-th sequence).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixLayout {
+    pub positions: Vec<usize>,
+    pub segments: Vec<u32>,
 }
 
 impl Example {
+    pub fn new(input_ids: Vec<u32>, weights: Vec<f32>) -> Self {
+        Self { input_ids, weights, layout: None }
+    }
+
     pub fn trained_tokens(&self) -> usize {
         self.weights.iter().skip(1).filter(|&&w| w > 0.0).count()
     }
+
+    /// How many sequences (examples as rendered) this example holds.
+    pub fn sequences(&self) -> usize {
+        self.layout.as_ref().and_then(|l| l.segments.iter().max()).map_or(1, |&s| s as usize)
+    }
+
+    /// The index of the first trained token, if any.
+    fn first_trained(&self) -> Option<usize> {
+        self.weights.iter().position(|&w| w > 0.0)
+    }
+}
+
+/// Packs consecutive examples that begin with the same tokens (the system prompt, tools, the
+/// mission: everything before their first trained token that they have in common) into one
+/// example that holds that prefix once, followed by the rest of each. Each rest is laid out as if
+/// it directly followed the prefix (its positions continue the prefix's, and it attends to the
+/// prefix and to itself only), so every trained token is computed in exactly the context it has
+/// alone, for fewer tokens of compute.
+///
+/// A group holds at most `max_sequences` examples and `max_len` tokens; a prefix shorter than
+/// `min_shared` tokens is not worth a group. Examples that find no partner are kept as they are.
+pub fn share_prefixes(examples: Vec<Example>, max_sequences: usize, max_len: usize, min_shared: usize) -> Vec<Example> {
+    // The longest prefix an example may share: its rest must start before its first trained
+    // token, so that no trained token is predicted across a segment boundary.
+    let shareable = |e: &Example| e.first_trained().map_or(e.input_ids.len() - 1, |p| p.saturating_sub(1));
+    let mut out = Vec::with_capacity(examples.len());
+    let mut group: Vec<Example> = Vec::new();
+    let mut shared = 0;
+    for example in examples {
+        if example.layout.is_some() || example.input_ids.len() < 2 {
+            out.extend(pack_group(std::mem::take(&mut group), shared));
+            out.push(example);
+            continue;
+        }
+        if let Some(first) = group.first() {
+            let common = first.input_ids[..shared]
+                .iter()
+                .zip(&example.input_ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(shareable(&example));
+            let packed_len = common + group.iter().chain([&example]).map(|e| e.input_ids.len() - common).sum::<usize>();
+            if group.len() < max_sequences && common >= min_shared && packed_len <= max_len {
+                shared = common;
+                group.push(example);
+                continue;
+            }
+            out.extend(pack_group(std::mem::take(&mut group), shared));
+        }
+        shared = shareable(&example);
+        group.push(example);
+    }
+    out.extend(pack_group(group, shared));
+    out
+}
+
+/// `group` as one packed example behind its first `shared` tokens (alone: unchanged).
+fn pack_group(mut group: Vec<Example>, shared: usize) -> Option<Example> {
+    if group.len() <= 1 {
+        return group.pop();
+    }
+    let len = shared + group.iter().map(|e| e.input_ids.len() - shared).sum::<usize>();
+    let mut input_ids = Vec::with_capacity(len);
+    let mut weights = Vec::with_capacity(len);
+    let mut positions = Vec::with_capacity(len);
+    let mut segments = Vec::with_capacity(len);
+    input_ids.extend_from_slice(&group[0].input_ids[..shared]);
+    weights.extend_from_slice(&group[0].weights[..shared]);
+    positions.extend(0..shared);
+    segments.extend(std::iter::repeat(0).take(shared));
+    for (i, e) in group.iter().enumerate() {
+        let n = e.input_ids.len();
+        input_ids.extend_from_slice(&e.input_ids[shared..]);
+        weights.extend_from_slice(&e.weights[shared..]);
+        positions.extend(shared..n);
+        segments.extend(std::iter::repeat(i as u32 + 1).take(n - shared));
+    }
+    Some(Example { input_ids, weights, layout: Some(PrefixLayout { positions, segments }) })
 }
 
 /// What loading did to a JSONL file's lines: how many examples (windows) came out and how many
@@ -71,7 +163,7 @@ pub fn load_jsonl(
             line: i + 1,
             source,
         })?;
-        let whole = Example { input_ids: rendered.input_ids, weights: rendered.weights };
+        let whole = Example::new(rendered.input_ids, rendered.weights);
         stats.trained_tokens += whole.trained_tokens();
         if whole.input_ids.len() < 2 {
             stats.skipped_lines += 1;
@@ -144,7 +236,7 @@ pub fn split_windows(example: &Example, prefix_len: usize, turn_ends: &[usize], 
             input_ids.extend_from_slice(&example.input_ids[r.clone()]);
             weights.extend_from_slice(&example.weights[r.clone()]);
         }
-        let e = Example { input_ids, weights };
+        let e = Example::new(input_ids, weights);
         if e.input_ids.len() >= 2 && e.trained_tokens() > 0 {
             windows.push(e);
         }
@@ -178,16 +270,33 @@ pub fn split_windows(example: &Example, prefix_len: usize, turn_ends: &[usize], 
 /// Groups examples of similar length: sorted by length (ties by index), then filled greedily
 /// while `rows × longest ≤ token_budget` and `rows ≤ max_batch`. Each batch lists indices.
 pub fn bucket_batches(lengths: &[usize], token_budget: usize, max_batch: usize) -> Vec<Vec<usize>> {
+    bucket_sequences(lengths, &vec![1; lengths.len()], token_budget, max_batch)
+}
+
+/// [`bucket_batches`] over examples, `max_batch` counting the sequences packed examples hold, so
+/// a batch carries about as many sequences packed as unpacked.
+pub fn bucket_examples(examples: &[Example], token_budget: usize, max_batch: usize) -> Vec<Vec<usize>> {
+    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+    let sequences: Vec<usize> = examples.iter().map(Example::sequences).collect();
+    bucket_sequences(&lengths, &sequences, token_budget, max_batch)
+}
+
+fn bucket_sequences(lengths: &[usize], sequences: &[usize], token_budget: usize, max_batch: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| (lengths[i], i));
     let mut batches = Vec::new();
     let mut current: Vec<usize> = Vec::new();
+    let mut current_sequences = 0;
     for i in order {
         let longest = current.iter().map(|&j| lengths[j]).max().unwrap_or(0).max(lengths[i]);
-        if !current.is_empty() && ((current.len() + 1) * longest > token_budget || current.len() >= max_batch.max(1)) {
+        if !current.is_empty()
+            && ((current.len() + 1) * longest > token_budget || current_sequences + sequences[i] > max_batch.max(1))
+        {
             batches.push(std::mem::take(&mut current));
+            current_sequences = 0;
         }
         current.push(i);
+        current_sequences += sequences[i];
     }
     if !current.is_empty() {
         batches.push(current);
@@ -206,13 +315,26 @@ pub fn epoch_order(n_batches: usize, seed: u64, epoch: usize) -> Vec<usize> {
 
 /// A batch as tensors: inputs `[B, L−1]` (the last token of each row only ever a target),
 /// targets `[B, L−1]` (inputs shifted by one), and the targets' loss weights; rows right-padded
-/// with `pad_id` and weight 0 (causal attention: padding never reaches real positions).
+/// with `pad_id` and weight 0 (causal attention: padding never reaches real positions). When a
+/// row is a packed example, `packed` lays out every row (plain rows as one sequence).
 pub struct BatchTensors {
     pub inputs: Tensor,
     pub targets: Tensor,
     pub token_weights: Vec<Vec<f32>>,
     /// Real (non-padding) input tokens.
     pub tokens: usize,
+    pub packed: Option<PackedRows>,
+}
+
+impl BatchTensors {
+    /// Each target's sequence, as (row, segment) per row and position: a packed row's trained
+    /// targets belong to the segment of the token that predicts them; a plain row is segment 0.
+    pub fn target_segments(&self) -> Vec<Vec<u32>> {
+        match &self.packed {
+            Some(packed) => packed.segments.clone(),
+            None => self.token_weights.iter().map(|row| vec![0; row.len()]).collect(),
+        }
+    }
 }
 
 pub fn batch_tensors(examples: &[&Example], pad_id: u32, device: &Device) -> Result<BatchTensors> {
@@ -238,18 +360,84 @@ pub fn batch_tensors(examples: &[&Example], pad_id: u32, device: &Device) -> Res
         }
         token_weights.push(row_w);
     }
+    let packed = examples.iter().any(|e| e.layout.is_some()).then(|| {
+        let mut rows = PackedRows::default();
+        for e in examples {
+            let n = e.input_ids.len() - 1;
+            let (mut positions, mut segments) = match &e.layout {
+                Some(layout) => (layout.positions[..n].to_vec(), layout.segments[..n].to_vec()),
+                None => ((0..n).collect(), vec![0; n]),
+            };
+            positions.resize(t, 0);
+            segments.resize(t, PackedRows::PADDING);
+            rows.positions.push(positions);
+            rows.segments.push(segments);
+        }
+        rows
+    });
     let b = examples.len();
     Ok(BatchTensors {
         inputs: Tensor::from_vec(inputs, (b, t), device)?,
         targets: Tensor::from_vec(targets, (b, t), device)?,
         token_weights,
         tokens,
+        packed,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `shared` tokens of prompt, then `own` more, then a 2-token answer whose first token is `a`.
+    fn step(shared: usize, own: &[u32], a: u32) -> Example {
+        let mut ids: Vec<u32> = (0..shared as u32).collect();
+        ids.extend_from_slice(own);
+        let mut weights = vec![0.0; ids.len()];
+        ids.extend([a, 99]);
+        weights.extend([1.0, 1.0]);
+        Example::new(ids, weights)
+    }
+
+    #[test]
+    fn shared_prefixes_stop_before_the_first_trained_token() {
+        // Identical prompts: the shared part must still end before the answers.
+        let same = vec![step(20, &[], 50), step(20, &[], 50), step(20, &[], 51)];
+        let packed = share_prefixes(same.clone(), 4, 1024, 16);
+        assert_eq!(packed.len(), 1);
+        let layout = packed[0].layout.as_ref().unwrap();
+        assert_eq!(layout.segments.iter().filter(|&&s| s == 0).count(), 19);
+        for (slot, &segment) in layout.segments.iter().enumerate() {
+            if slot > 0 && segment != layout.segments[slot - 1] {
+                assert_eq!(packed[0].weights[slot], 0.0, "a segment starts with a trained token at {slot}");
+            }
+        }
+        assert_eq!(packed[0].trained_tokens(), 6);
+        assert_eq!(packed[0].sequences(), 3);
+    }
+
+    #[test]
+    fn shared_prefixes_respect_group_size_length_and_minimum() {
+        let examples: Vec<Example> = (0..5).map(|i| step(20, &[i, i], 50)).collect();
+        let sizes = |v: &[Example]| v.iter().map(Example::sequences).collect::<Vec<_>>();
+        assert_eq!(sizes(&share_prefixes(examples.clone(), 2, 1024, 16)), [2, 2, 1]);
+        // 20 + 2 × 4 = 28 tokens fit, 20 + 3 × 4 = 32 do not.
+        assert_eq!(sizes(&share_prefixes(examples.clone(), 8, 31, 16)), [2, 2, 1]);
+        // Too short a prefix to be worth it: left alone.
+        assert_eq!(share_prefixes(examples.clone(), 8, 1024, 21), examples);
+        // A different prefix starts a new group.
+        let mut mixed = examples.clone();
+        mixed.insert(2, step(3, &[7; 18], 50));
+        assert_eq!(sizes(&share_prefixes(mixed, 8, 1024, 16)), [2, 1, 3]);
+    }
+
+    #[test]
+    fn buckets_count_the_sequences_of_packed_examples() {
+        let examples: Vec<Example> = (0..8).map(|i| step(20, &[i], 50)).collect();
+        let packed = share_prefixes(examples, 4, 1024, 16);
+        assert_eq!(bucket_examples(&packed, 10_000, 4), vec![vec![0], vec![1]]);
+        assert_eq!(bucket_examples(&packed, 10_000, 8), vec![vec![0, 1]]);
+    }
 
     #[test]
     fn buckets_respect_budget_and_batch_size() {
@@ -276,7 +464,7 @@ mod tests {
             w.extend([0.0, 0.0, 0.0, 1.0, 1.0]);
             ends.push(ids.len());
         }
-        (Example { input_ids: ids, weights: w }, ends)
+        (Example::new(ids, w), ends)
     }
 
     #[test]

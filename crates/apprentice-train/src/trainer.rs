@@ -14,16 +14,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use apprentice_model::llama::LoraConfig;
-use apprentice_model::{Llama, LoadedModel, LoraState, LORA_TARGETS};
+use apprentice_model::{Llama, LoadedModel, LoraState, PackedRows, LORA_TARGETS};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::{batch_tensors, bucket_batches, epoch_order, BatchTensors, Example};
+use crate::data::{batch_tensors, bucket_examples, epoch_order, share_prefixes, BatchTensors, Example};
 use crate::error::{Result, TrainError};
 use crate::objective::{coefficients, token_log_probs, BatchNumbers, HelperPolicy, IwConfig, Objective};
 use crate::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
+
+/// A shared prefix shorter than this saves too little to pack examples behind it.
+const MIN_SHARED_PREFIX: usize = 16;
 
 /// LoRA settings of a run (see [`LoraConfig`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +66,9 @@ pub struct TrainConfig {
     /// Longer examples are split at assistant turns into windows of at most `max_len` tokens
     /// that each start with the system message (see `data::split_windows`).
     pub max_len: usize,
+    /// Most examples packed behind one shared prefix (`data::share_prefixes`); 1 turns it off.
+    /// Every trained token keeps exactly its own context, so only the compute changes.
+    pub share_prefixes: usize,
     pub epochs: usize,
     /// Overrides `epochs` when set.
     pub max_steps: Option<usize>,
@@ -92,6 +98,7 @@ impl Default for TrainConfig {
             token_budget: 1024,
             max_batch: 8,
             max_len: 1024,
+            share_prefixes: 4,
             epochs: 1,
             max_steps: None,
             eval_every: 25,
@@ -182,6 +189,21 @@ pub fn train(
     }
     std::fs::create_dir_all(out).map_err(TrainError::io("creating", out))?;
     let device = loaded.model.embed_tokens.embeddings().device().clone();
+    let shared;
+    let data = if config.share_prefixes > 1 {
+        let pack = |examples: &[Example]| {
+            share_prefixes(examples.to_vec(), config.share_prefixes, config.max_len, MIN_SHARED_PREFIX)
+        };
+        shared = TrainingData {
+            train: pack(&data.train),
+            validation: pack(&data.validation),
+            pad_id: data.pad_id,
+            base_id: data.base_id.clone(),
+        };
+        &shared
+    } else {
+        data
+    };
 
     // The trainable model: frozen base + adapters in a fresh VarMap, or every weight.
     let (mut model, varmap, lora_state): (Llama, VarMap, Option<std::sync::Arc<LoraState>>) = match &config.lora {
@@ -215,8 +237,7 @@ pub fn train(
         None => None,
     };
 
-    let lengths: Vec<usize> = data.train.iter().map(|e| e.input_ids.len()).collect();
-    let batches = bucket_batches(&lengths, config.token_budget, config.max_batch);
+    let batches = bucket_examples(&data.train, config.token_budget, config.max_batch);
     let nb = batches.len();
     let total_steps = config.max_steps.unwrap_or_else(|| (config.epochs * nb).div_ceil(config.grad_accum)).max(1);
     let warmup = ((total_steps as f64) * config.warmup_ratio).round() as usize;
@@ -337,13 +358,15 @@ pub fn train(
                 }
                 None => (None, None),
             };
+            // The objective weighs sequences: a packed row counts as the sequences it holds.
+            let sequences = BatchSequences::of(&bt);
             let coeffs = coefficients(
                 config.objective,
                 &config.iw,
                 &BatchNumbers {
-                    token_weights: &bt.token_weights,
-                    helper: helper.as_deref(),
-                    reference: reference_rows.as_deref(),
+                    token_weights: &sequences.split(&bt.token_weights),
+                    helper: helper.as_deref().map(|h| sequences.split(h)).as_deref(),
+                    reference: reference_rows.as_deref().map(|r| sequences.split(r)).as_deref(),
                 },
             )?;
             dropped += coeffs.stats.dropped;
@@ -351,7 +374,8 @@ pub fn train(
                 continue;
             }
             weight_values.push(coeffs.stats);
-            let c: Vec<f32> = positions.iter().map(|&(r, p)| coeffs.c[r][p]).collect();
+            let c = sequences.merge(&coeffs.c);
+            let c: Vec<f32> = positions.iter().map(|&(r, p)| c[r][p]).collect();
             let c = Tensor::from_vec(c, positions.len(), lp.device())?;
             let loss = ((&lp * c)?.sum_all()?.neg()? / config.grad_accum as f64)?;
             step_loss += loss.to_scalar::<f32>()? as f64;
@@ -493,6 +517,53 @@ fn helper_with_values(
     result
 }
 
+/// The sequences of a batch: each plain row is one, each packed row holds one per segment after
+/// its shared prefix. Per-row numbers split into per-sequence rows (zero outside the sequence)
+/// and merge back.
+struct BatchSequences {
+    /// (row, segment); `None`: the whole row.
+    sequences: Vec<(usize, Option<u32>)>,
+    segments: Vec<Vec<u32>>,
+}
+
+impl BatchSequences {
+    fn of(bt: &BatchTensors) -> Self {
+        let segments = bt.target_segments();
+        let mut sequences = Vec::new();
+        for (row, row_segments) in segments.iter().enumerate() {
+            let last = row_segments.iter().copied().filter(|&s| s != PackedRows::PADDING).max().unwrap_or(0);
+            if last == 0 {
+                sequences.push((row, None));
+            } else {
+                sequences.extend((1..=last).map(|s| (row, Some(s))));
+            }
+        }
+        Self { sequences, segments }
+    }
+
+    fn split(&self, rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        self.sequences
+            .iter()
+            .map(|&(row, segment)| match segment {
+                None => rows[row].clone(),
+                Some(s) => {
+                    rows[row].iter().zip(&self.segments[row]).map(|(&v, &at)| if at == s { v } else { 0.0 }).collect()
+                }
+            })
+            .collect()
+    }
+
+    fn merge(&self, split: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        let mut rows: Vec<Vec<f32>> = self.segments.iter().map(|r| vec![0f32; r.len()]).collect();
+        for (&(row, _), values) in self.sequences.iter().zip(split) {
+            for (out, &v) in rows[row].iter_mut().zip(values) {
+                *out += v;
+            }
+        }
+        rows
+    }
+}
+
 /// The (row, position) of every target that carries loss (weight > 0), row-major.
 pub fn trained_positions(token_weights: &[Vec<f32>]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
@@ -510,7 +581,10 @@ pub fn selected_log_probs(model: &Llama, bt: &BatchTensors, positions: &[(usize,
     let device = bt.inputs.device();
     let flat: Vec<u32> = positions.iter().map(|&(r, p)| (r * t + p) as u32).collect();
     let index = Tensor::from_vec(flat, positions.len(), device)?;
-    let hidden = model.forward_hidden(&bt.inputs)?;
+    let hidden = match &bt.packed {
+        Some(packed) => model.forward_hidden_packed(&bt.inputs, packed)?,
+        None => model.forward_hidden(&bt.inputs)?,
+    };
     let h = hidden.dim(2)?;
     let rows = hidden.reshape((b * t, h))?.index_select(&index, 0)?;
     let logits = model.project(&rows)?.unsqueeze(0)?;
@@ -541,10 +615,9 @@ pub fn validation_loss(
     }
     let frozen = model.detached();
     let device = model.embed_tokens.embeddings().device().clone();
-    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
     let mut total = 0f64;
     let mut count = 0usize;
-    for batch in bucket_batches(&lengths, config.token_budget, config.max_batch) {
+    for batch in bucket_examples(examples, config.token_budget, config.max_batch) {
         let members: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
         let bt = batch_tensors(&members, pad_id, &device)?;
         let positions = trained_positions(&bt.token_weights);
@@ -584,6 +657,9 @@ fn reference_logprobs(
         for id in &e.input_ids {
             hasher.update(id.to_le_bytes());
         }
+        for segment in e.layout.iter().flat_map(|l| &l.segments) {
+            hasher.update(segment.to_le_bytes());
+        }
     }
     let key = format!("{:x}", hasher.finalize());
     let path = out.join("reference_logprobs.json");
@@ -602,9 +678,8 @@ fn reference_logprobs(
     }
     let frozen = model.detached();
     let device = model.embed_tokens.embeddings().device().clone();
-    let lengths: Vec<usize> = data.train.iter().map(|e| e.input_ids.len()).collect();
     let mut logprobs = vec![Vec::new(); data.train.len()];
-    for batch in bucket_batches(&lengths, config.token_budget, config.max_batch) {
+    for batch in bucket_examples(&data.train, config.token_budget, config.max_batch) {
         let members: Vec<&Example> = batch.iter().map(|&i| &data.train[i]).collect();
         let bt = batch_tensors(&members, data.pad_id, &device)?;
         let positions = trained_positions(&bt.token_weights);

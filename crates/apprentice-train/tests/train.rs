@@ -9,7 +9,8 @@ use apprentice_model::config::{Architecture, ModelConfig};
 use apprentice_model::llama::LoraConfig;
 use apprentice_model::load::{from_tensors, LoadedModel};
 use apprentice_model::Llama;
-use apprentice_train::data::Example;
+use apprentice_model::PackedRows;
+use apprentice_train::data::{share_prefixes, Example};
 use apprentice_train::objective::{Granularity, HelperPolicy, IwConfig, Objective};
 use apprentice_train::trainer::{train, validation_loss, LoraSpec, TrainConfig, TrainingData};
 use candle_core::{Device, Tensor, D};
@@ -60,7 +61,7 @@ fn model(seed: u64) -> LoadedModel {
 fn example(prompt: &[u32], answer: &[u32], w: f32) -> Example {
     let input_ids: Vec<u32> = prompt.iter().chain(answer).copied().collect();
     let weights = prompt.iter().map(|_| 0.0).chain(answer.iter().map(|_| w)).collect();
-    Example { input_ids, weights }
+    Example::new(input_ids, weights)
 }
 
 fn tiny_dataset() -> Vec<Example> {
@@ -238,4 +239,72 @@ fn lora_starts_as_the_base_model_trains_only_adapters_and_merges_exactly() {
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
     let v = validation_loss(&lora, &tiny_dataset(), &TrainConfig::default(), 0, &None).unwrap();
     assert!(v.is_finite());
+}
+
+/// Eight examples that begin with the same 18 tokens (a system prompt), then differ.
+fn shared_prefix_dataset() -> Vec<Example> {
+    let system: Vec<u32> = (0..18).map(|i| 3 + (i % 7)).collect();
+    let mut rng = StdRng::seed_from_u64(9);
+    (0..8u32)
+        .map(|k| {
+            let mut prompt = system.clone();
+            prompt.extend((0..3 + k % 3).map(|_| rng.gen_range(3..30u32)));
+            example(&prompt, &[10 + k % 5, 2], if k % 2 == 0 { 1.0 } else { 0.5 })
+        })
+        .collect()
+}
+
+#[test]
+fn a_packed_row_gives_each_sequence_the_hidden_states_it_has_alone() {
+    let loaded = model(5);
+    let examples = shared_prefix_dataset()[..3].to_vec();
+    let packed = share_prefixes(examples.clone(), 4, 1024, 16);
+    assert_eq!(packed.len(), 1, "three examples behind one prefix");
+    let row = &packed[0];
+    let layout = row.layout.as_ref().unwrap();
+    assert_eq!(row.input_ids.len(), 18 + examples.iter().map(|e| e.input_ids.len() - 18).sum::<usize>());
+    assert_eq!(row.trained_tokens(), examples.iter().map(Example::trained_tokens).sum::<usize>());
+
+    let ids = Tensor::new(row.input_ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let rows = PackedRows { positions: vec![layout.positions.clone()], segments: vec![layout.segments.clone()] };
+    let hidden = loaded.model.forward_hidden_packed(&ids, &rows).unwrap().squeeze(0).unwrap();
+    let hidden = hidden.to_vec2::<f32>().unwrap();
+    for (i, e) in examples.iter().enumerate() {
+        let alone = Tensor::new(e.input_ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let alone = loaded.model.forward_hidden(&alone).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let mut compared = 0;
+        for (slot, (&segment, &position)) in layout.segments.iter().zip(&layout.positions).enumerate() {
+            if segment == i as u32 + 1 || (segment == 0 && i == 0) {
+                assert_eq!(e.input_ids[position], row.input_ids[slot]);
+                let diff = hidden[slot].iter().zip(&alone[position]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-5, "sequence {i}, position {position}: {diff}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, if i == 0 { e.input_ids.len() } else { e.input_ids.len() - 18 });
+    }
+}
+
+#[test]
+fn packing_examples_behind_their_shared_prefix_changes_the_compute_not_the_run() {
+    assert_eq!(share_prefixes(shared_prefix_dataset(), 4, 1024, 16).len(), 2);
+    for objective in [Objective::Sft, Objective::IwSft] {
+        let config = |share| TrainConfig {
+            share_prefixes: share,
+            max_steps: Some(3),
+            token_budget: 4096,
+            max_batch: 8,
+            ..quick(objective)
+        };
+        let (plain_dir, packed_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let plain = train(model(3), &data(shared_prefix_dataset()), &config(1), plain_dir.path(), false).unwrap();
+        let packed = train(model(3), &data(shared_prefix_dataset()), &config(4), packed_dir.path(), false).unwrap();
+        for ((name, a), (_, b)) in plain.trainable.iter().zip(&packed.trainable) {
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{objective:?}: {name} differs by {diff}");
+        }
+        for ((_, a), (_, b)) in plain.val_losses.iter().zip(&packed.val_losses) {
+            assert!((a - b).abs() < 1e-4, "{objective:?}: validation loss {a} against {b}");
+        }
+    }
 }

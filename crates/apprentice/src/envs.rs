@@ -12,6 +12,8 @@ use apprentice_envs::{make_env, Env, EnvOptions, Split, TaskId, VariantParams};
 use apprentice_store::{Recorder, SqliteStore, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::progress::Progress;
+
 /// Episodes played at once by `rollout` and `eval` unless `--concurrency` says otherwise: a local
 /// model decodes up to 8 concurrent calls in one batch (its default batch cap), and remote APIs and
 /// experts gain from overlapping calls too. Results do not depend on it.
@@ -149,14 +151,10 @@ pub async fn run_rollout(args: RolloutArgs) -> anyhow::Result<()> {
         seed: args.seed,
         tags: Default::default(),
     };
-    let bar = ProgressBar::new(args.episodes).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} episodes ({per_sec}, eta {eta})")?
-            .progress_chars("=> "),
-    );
-    bar.set_message(args.policy.clone());
+    let bar = Progress::new(&args.policy, args.episodes, "episodes", None);
     let env_name = args.env.env.clone();
     let make = move || make_env(&env_name, env_options).expect("env name and options checked above");
-    let summary = rollout(make, &policy, recorder.clone(), &options, |_| bar.inc(1)).await?;
+    let summary = rollout(make, &policy, recorder.clone(), &options, |_| bar.inc()).await?;
     bar.finish();
     if let Some(recorder) = recorder {
         recorder.shutdown().await?;

@@ -14,6 +14,7 @@ use apprentice_store::{Recorder, SqliteStore, Store};
 use clap::Args;
 
 use crate::envs::{EnvArgs, DEFAULT_CONCURRENCY};
+use crate::progress::Progress;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// Where function policies are served and steps recorded: the same flags for `eval` and `replay`.
@@ -194,21 +195,13 @@ async fn evaluate_with_progress(
     options: &EvalOptions,
 ) -> Result<Evaluation> {
     let bars = MultiProgress::new();
-    let style = ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} episodes ({elapsed}, eta {eta})")?
-        .progress_chars("=> ");
-    let progress: Vec<ProgressBar> = contenders
-        .iter()
-        .map(|c| {
-            let bar = bars.add(ProgressBar::new(options.episodes).with_style(style.clone()));
-            bar.set_message(c.name.clone());
-            bar
-        })
-        .collect();
+    let progress: Vec<Progress> =
+        contenders.iter().map(|c| Progress::new(&c.name, options.episodes, "episodes", Some(&bars))).collect();
     let env_name = env.to_string();
     let make = move || make_env(&env_name, env_options).expect("env name and options checked by the caller");
     let on_episode = |name: &str, _: &apprentice_envs::rollout::EpisodeSummary| {
         if let Some(i) = contenders.iter().position(|c| c.name == name) {
-            progress[i].inc(1);
+            progress[i].inc();
         }
     };
     let evaluation = apprentice_eval::evaluate(make, contenders, store, Some(recorder), options, on_episode).await?;

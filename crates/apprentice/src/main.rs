@@ -8,6 +8,7 @@ mod demo;
 mod envs;
 mod eval;
 mod model;
+mod progress;
 mod train;
 
 #[global_allocator]

@@ -56,6 +56,10 @@ pub struct TrainArgs {
     max_batch: Option<usize>,
     #[arg(long)]
     max_len: Option<usize>,
+    /// Most examples packed behind one shared prefix (the system prompt and what else they begin
+    /// with), each keeping exactly its own context; 1 turns it off.
+    #[arg(long)]
+    share_prefixes: Option<usize>,
     #[arg(long)]
     eval_every: Option<usize>,
     #[arg(long)]
@@ -120,7 +124,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { config.$field = v; } )* };
     }
-    set!(lr, epochs, grad_accum, token_budget, max_batch, max_len, eval_every, checkpoint_every, seed);
+    set!(lr, epochs, grad_accum, token_budget, max_batch, max_len, share_prefixes, eval_every, checkpoint_every, seed);
     if args.max_steps.is_some() {
         config.max_steps = args.max_steps;
     }
