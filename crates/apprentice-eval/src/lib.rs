@@ -1,6 +1,7 @@
 //! Evaluation of policies (the teacher, any gateway variant, a local student) on env tasks, the
 //! statistics to compare them honestly, and the reports that show what a student saves.
 
+pub mod curve;
 pub mod env_eval;
 pub mod replay;
 pub mod report;

@@ -12,4 +12,4 @@ pub mod trainer;
 
 pub use error::{Result, TrainError};
 pub use objective::{Granularity, HelperPolicy, IwConfig, Objective, Reduction, WeightStats};
-pub use trainer::{train, TrainConfig, TrainOutcome, TrainingData};
+pub use trainer::{prepare_reference, train, TrainConfig, TrainOutcome, TrainingData};

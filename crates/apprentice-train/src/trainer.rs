@@ -172,6 +172,36 @@ fn config_hash(config: &TrainConfig) -> String {
     format!("{:x}", Sha256::digest(text.as_bytes()))[..16].to_string()
 }
 
+/// `data` as the run trains on it: examples packed behind shared prefixes when configured.
+fn packed(data: &TrainingData, config: &TrainConfig) -> TrainingData {
+    let pack = |examples: &[Example]| {
+        if config.share_prefixes > 1 {
+            share_prefixes(examples.to_vec(), config.share_prefixes, config.max_len, MIN_SHARED_PREFIX)
+        } else {
+            examples.to_vec()
+        }
+    };
+    TrainingData {
+        train: pack(&data.train),
+        validation: pack(&data.validation),
+        pad_id: data.pad_id,
+        base_id: data.base_id.clone(),
+    }
+}
+
+/// Computes the reference log-probs an importance-weighted run of `config` needs and caches them
+/// in `out`, where [`train`] with the same data and settings finds them. Lets a caller compute
+/// them on every core before trainings that each get one (the demo does). The starting model is
+/// `loaded` itself: LoRA adapters start at zero and change nothing.
+pub fn prepare_reference(loaded: &LoadedModel, data: &TrainingData, config: &TrainConfig, out: &Path) -> Result<usize> {
+    if !config.objective.importance_weighted() {
+        return Err(TrainError::Config(format!("{} needs no reference log-probs", config.objective.name())));
+    }
+    std::fs::create_dir_all(out).map_err(TrainError::io("creating", out))?;
+    let data = packed(data, config);
+    Ok(reference_logprobs(&loaded.model, &data, config, out, false)?.len())
+}
+
 /// Trains `loaded` on `data` with `config`, writing checkpoints, metrics and plots under `out`.
 /// With `resume`, continues from `out/checkpoint` (which must exist).
 pub fn train(
@@ -189,21 +219,7 @@ pub fn train(
     }
     std::fs::create_dir_all(out).map_err(TrainError::io("creating", out))?;
     let device = loaded.model.embed_tokens.embeddings().device().clone();
-    let shared;
-    let data = if config.share_prefixes > 1 {
-        let pack = |examples: &[Example]| {
-            share_prefixes(examples.to_vec(), config.share_prefixes, config.max_len, MIN_SHARED_PREFIX)
-        };
-        shared = TrainingData {
-            train: pack(&data.train),
-            validation: pack(&data.validation),
-            pad_id: data.pad_id,
-            base_id: data.base_id.clone(),
-        };
-        &shared
-    } else {
-        data
-    };
+    let data = &packed(data, config);
 
     // The trainable model: frozen base + adapters in a fresh VarMap, or every weight.
     let (mut model, varmap, lora_state): (Llama, VarMap, Option<std::sync::Arc<LoraState>>) = match &config.lora {

@@ -161,7 +161,14 @@ impl Stages {
             bar.enable_steady_tick(std::time::Duration::from_millis(250));
             running.push((stage, shown, child, bar, None::<f64>));
         }
+        let mut ticker = crate::progress::PlainTicker::new();
         while running.iter().any(|(_, _, _, _, done)| done.is_none()) {
+            if ticker.due() {
+                for (stage, _, _, bar, done) in &running {
+                    let status = if done.is_some() { "done".to_string() } else { training_progress(&stage.metrics) };
+                    eprintln!("[{:.0} s] {}: {status}", bar.elapsed().as_secs_f64(), stage.stage);
+                }
+            }
             let mut failed = None;
             for (stage, shown, child, bar, done) in running.iter_mut().filter(|r| r.4.is_none()) {
                 match child.try_wait()? {
@@ -359,6 +366,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             // A weight clip far above the spread and a temperature of 0.5 keep them informative:
             // measured with the clip at 16, the weights of 145 of 166 batches all sat at it.
             train.extend([s("--iw-self-normalize"), s("--iw-temperature"), s("0.5"), s("--iw-w-max"), s("1000")]);
+        }
+        if objective == "iw-sft" {
+            // Its reference log-probs on every core first, so that the two trainings side by side
+            // (one core each) take about the same time instead of iw-SFT running on alone.
+            let mut reference = train.clone();
+            reference.push(s("--reference-only"));
+            stages.run("compute iw-sft's reference log-probs on every core", &reference)?;
         }
         trainings.push(ParallelStage {
             stage: format!("train the {name} student"),

@@ -110,6 +110,16 @@ pub struct ReportArgs {
     out: PathBuf,
 }
 
+#[derive(Args)]
+pub struct CurveArgs {
+    /// The curve's description (TOML: title, x_label, [[points]] with series, x, evaluation,
+    /// policy, teacher); evaluation paths are relative to it.
+    spec: PathBuf,
+    /// Folder for curve.md, curve.json and curve.svg.
+    #[arg(long, default_value = "curve")]
+    out: PathBuf,
+}
+
 /// The outcome the binary turns into an exit status.
 pub enum Verdict {
     Passed,
@@ -264,6 +274,21 @@ pub fn run_report(args: ReportArgs) -> Result<()> {
     let files = report.write(&args.out)?;
     print!("{}", report.table());
     println!("report: {} (also {}, {})", files.html.display(), files.markdown.display(), files.json.display());
+    Ok(())
+}
+
+pub fn run_curve(args: CurveArgs) -> Result<()> {
+    let curve = apprentice_eval::curve::Curve::load(&args.spec)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let table = curve.table();
+    for (name, text) in
+        [("curve.md", table.clone()), ("curve.json", serde_json::to_string_pretty(&curve)?), ("curve.svg", curve.svg())]
+    {
+        let path = args.out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    print!("{table}");
+    println!("curve: {} (also curve.json, curve.svg)", args.out.join("curve.md").display());
     Ok(())
 }
 

@@ -73,6 +73,9 @@ enum Command {
     Replay(eval::ReplayArgs),
     /// Evaluation and training runs as a Markdown summary, a JSON file and an HTML page with plots.
     Report(eval::ReportArgs),
+    /// A learning curve: students' test success against what they were trained on, each point
+    /// paired with the teacher in its evaluation run (table, JSON and SVG).
+    Curve(eval::CurveArgs),
     /// Benchmarks; each prints a table and can write JSON.
     Bench {
         #[command(subcommand)]
@@ -230,6 +233,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         },
         Command::Replay(args) => eval::run_replay(args).await,
         Command::Report(args) => eval::run_report(args),
+        Command::Curve(args) => eval::run_curve(args),
         Command::Bench { bench: Bench::Expert { episodes, epsilons, distractors, json } } => {
             envs::bench_expert(episodes, &epsilons, distractors, json.as_deref())
         }

@@ -60,3 +60,27 @@ impl Progress {
         self.bar.finish();
     }
 }
+
+/// Says when to print a plain status line: never on a terminal (the bars show it), else at most
+/// every [`PLAIN_EVERY`].
+pub struct PlainTicker {
+    last: Option<Instant>,
+}
+
+impl PlainTicker {
+    pub fn new() -> Self {
+        let now = Instant::now();
+        PlainTicker { last: (!std::io::stderr().is_terminal()).then(|| now.checked_sub(PLAIN_EVERY).unwrap_or(now)) }
+    }
+
+    /// Whether a line is due now (and, if so, the next one in [`PLAIN_EVERY`]).
+    pub fn due(&mut self) -> bool {
+        match &mut self.last {
+            Some(last) if last.elapsed() >= PLAIN_EVERY => {
+                *last = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+}

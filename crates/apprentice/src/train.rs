@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use apprentice_model::{resolve_model, ChatTemplate, Tokenizer};
 use apprentice_train::data::load_jsonl;
-use apprentice_train::trainer::{export_model, train, LoraSpec, TrainConfig, TrainingData};
+use apprentice_train::trainer::{export_model, prepare_reference, train, LoraSpec, TrainConfig, TrainingData};
 use apprentice_train::{Granularity, HelperPolicy, Objective};
 use clap::Args;
 
@@ -94,6 +94,11 @@ pub struct TrainArgs {
     /// Skip the final export.
     #[arg(long)]
     no_export: bool,
+    /// Only compute the reference log-probs of an importance-weighted objective, cached in
+    /// --out, where a later run with the same data and settings reuses them (e.g. on every core
+    /// first, then trainings side by side on one core each).
+    #[arg(long)]
+    reference_only: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -192,6 +197,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     )?;
     let data =
         TrainingData { train: train_examples, validation, pad_id, base_id: format!("{}:{size}", base.display()) };
+    if args.reference_only {
+        let examples = prepare_reference(&loaded, &data, &config, &args.out)?;
+        eprintln!("reference log-probs of {examples} examples cached in {}", args.out.display());
+        return Ok(());
+    }
     let metadata = loaded.gguf_metadata.clone();
     let outcome = train(loaded, &data, &config, &args.out, args.resume)?;
     if let (Some(first), Some(last)) = (outcome.val_losses.first(), outcome.val_losses.last()) {
