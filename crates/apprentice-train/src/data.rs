@@ -327,8 +327,8 @@ pub struct BatchTensors {
 }
 
 impl BatchTensors {
-    /// Each target's sequence, as (row, segment) per row and position: a packed row's trained
-    /// targets belong to the segment of the token that predicts them; a plain row is segment 0.
+    /// The segment of each target, per row and position: a packed row's trained targets belong
+    /// to the segment of the token that predicts them; a plain row is all segment 0.
     pub fn target_segments(&self) -> Vec<Vec<u32>> {
         match &self.packed {
             Some(packed) => packed.segments.clone(),
