@@ -134,6 +134,30 @@ pub struct Measurement {
     pub tokens: Vec<u32>,
 }
 
+impl Measurement {
+    /// Our own rows' measurement from their timed runs: rates over the medians.
+    fn of_runs(
+        version: String,
+        options: &ModelBenchOptions,
+        load_s: f64,
+        prompt_tokens: usize,
+        prefill_s: Vec<f64>,
+        decode_s: Vec<f64>,
+        tokens: Vec<u32>,
+    ) -> Self {
+        Measurement {
+            version,
+            threads: options.threads,
+            load_s,
+            prefill_tokens_per_s: prompt_tokens as f64 / median(&prefill_s),
+            decode_tokens_per_s: options.decode_tokens as f64 / median(&decode_s),
+            prefill_s,
+            decode_s,
+            tokens,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
     /// Short name: `apprentice`, `transformers`, `llama.cpp Q4_1`, ...
@@ -390,16 +414,8 @@ fn measure_ours(
         decode_s.push((*last - *first).as_secs_f64());
         tokens = generations.into_iter().next().map(|g| g.tokens).unwrap_or_default();
     }
-    Ok(Measurement {
-        version: format!("apprentice-model {} (candle 0.11)", env!("CARGO_PKG_VERSION")),
-        threads: options.threads,
-        load_s,
-        prefill_tokens_per_s: prompt.len() as f64 / median(&prefill_s),
-        decode_tokens_per_s: options.decode_tokens as f64 / median(&decode_s),
-        prefill_s,
-        decode_s,
-        tokens,
-    })
+    let version = format!("apprentice-model {} (candle 0.11)", env!("CARGO_PKG_VERSION"));
+    Ok(Measurement::of_runs(version, options, load_s, prompt.len(), prefill_s, decode_s, tokens))
 }
 
 /// The row label of the serving engine on `format` weights.
@@ -444,16 +460,8 @@ fn measure_serving(
         prefill_s.push((first - started).as_secs_f64());
         tokens = run;
     }
-    Ok(Measurement {
-        version: format!("apprentice-model {} (serving engine, {})", env!("CARGO_PKG_VERSION"), model.format()),
-        threads: options.threads,
-        load_s,
-        prefill_tokens_per_s: prompt.len() as f64 / median(&prefill_s),
-        decode_tokens_per_s: options.decode_tokens as f64 / median(&decode_s),
-        prefill_s,
-        decode_s,
-        tokens,
-    })
+    let version = format!("apprentice-model {} (serving engine, {})", env!("CARGO_PKG_VERSION"), model.format());
+    Ok(Measurement::of_runs(version, options, load_s, prompt.len(), prefill_s, decode_s, tokens))
 }
 
 /// What a baseline script prints: a measurement, or why it could not make one.
