@@ -192,15 +192,37 @@ impl LocalModel {
 
     /// The prompt text for `rendered`: OpenAI-shaped messages and tools through the chat template.
     pub fn render_prompt(&self, rendered: &RenderedRequest) -> Result<String, String> {
-        let messages: Vec<Value> = openai::messages(rendered)
-            .iter()
-            .map(serde_json::to_value)
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
-        let tools = chat_tools(&rendered.tools);
-        let tools = (!tools.is_empty()).then_some(tools.as_slice());
-        self.template.render_prompt(&messages, tools).map_err(|e| format!("cannot render the prompt: {e}"))
+        render_prompt(&self.template, rendered)
     }
+
+    /// The prompt's token ids, as generation is fed them.
+    pub fn prompt_ids(&self, rendered: &RenderedRequest) -> Result<Vec<u32>, String> {
+        prompt_ids(&self.tokenizer, &self.template, rendered)
+    }
+}
+
+/// What [`LocalModel::render_prompt`] does, given the model's chat template alone: callers that
+/// check training data against what is served need the tokenizer and template, not the weights.
+pub fn render_prompt(template: &ChatTemplate, rendered: &RenderedRequest) -> Result<String, String> {
+    let messages: Vec<Value> = openai::messages(rendered)
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let tools = chat_tools(&rendered.tools);
+    let tools = (!tools.is_empty()).then_some(tools.as_slice());
+    template.render_prompt(&messages, tools).map_err(|e| format!("cannot render the prompt: {e}"))
+}
+
+/// What [`LocalModel::prompt_ids`] does, given the model's tokenizer and chat template alone. The
+/// text is tokenized whole, without added special tokens: the template writes its own.
+pub fn prompt_ids(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    rendered: &RenderedRequest,
+) -> Result<Vec<u32>, String> {
+    let text = render_prompt(template, rendered)?;
+    tokenizer.encode(&text, false).map_err(|e| format!("cannot tokenize: {e}"))
 }
 
 /// Tool definitions in the OpenAI shape apprentice-curate exports them in (all four fields), so
@@ -336,9 +358,7 @@ impl LocalProvider {
     /// Renders and tokenizes the prompt and fixes the sampling options; every error that does not
     /// need the model to run is found here.
     fn job(&self, request: &ModelRequest) -> Result<Job, ProviderError> {
-        let text = self.model.render_prompt(&request.rendered).map_err(|e| self.error(e))?;
-        let prompt =
-            self.model.tokenizer.encode(&text, false).map_err(|e| self.error(format!("cannot tokenize: {e}")))?;
+        let prompt = self.model.prompt_ids(&request.rendered).map_err(|e| self.error(e))?;
         if prompt.is_empty() {
             return Err(self.error("the prompt is empty"));
         }
