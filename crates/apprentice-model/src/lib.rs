@@ -4,6 +4,7 @@
 //!
 //! Each module owns its error type; nothing here knows about the gateway or the store.
 
+pub mod attention;
 pub mod bench;
 pub mod cache;
 pub mod chat_template;
@@ -20,7 +21,7 @@ pub use cache::{resolve_model, ModelCache};
 pub use chat_template::{ChatTemplate, LossMaskedExample};
 pub use config::{Architecture, ModelConfig};
 pub use generate::{generate, generate_stream, FinishReason, GenerateOptions, Generation, StreamEvent, TokenDecoder};
-pub use llama::{KvCache, Llama, LoraConfig, LoraState, PackedRows, LORA_TARGETS};
+pub use llama::{AttentionKernel, KvCache, Llama, LoraConfig, LoraState, PackedRows, LORA_TARGETS};
 pub use load::{load, GgufMetadata, LoadedModel};
 pub use save::{save_gguf, save_safetensors, GgufDType};
 pub use tokenizer::Tokenizer;

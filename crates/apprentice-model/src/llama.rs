@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Embedding, Init, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 
+use crate::attention::{causal_attention, composed_attention, CausalMask};
 use crate::config::ModelConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -265,7 +266,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        attend: Attend<'_>,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -276,27 +277,18 @@ impl Attention {
         let q = crate::ops::rotary(&q, cos, sin)?;
         let k = crate::ops::rotary(&k, cos, sin)?;
 
-        let (k, v) = match cache {
-            None => (k, v),
-            Some(cache) => cache.append(k, v)?,
+        let out = match attend {
+            Attend::Fused(mask) => causal_attention(&q, &k, &v, mask)?,
+            Attend::Bias(_) | Attend::Everything => {
+                let (k, v) = match cache {
+                    None => (k, v),
+                    Some(cache) => cache.append(k, v)?,
+                };
+                let bias = if let Attend::Bias(bias) = attend { Some(bias) } else { None };
+                composed_attention(&q, &k, &v, bias)?
+            }
         };
-        let s = k.dim(2)?;
-
-        // Grouped-query attention without copying K/V per query head: the `h / kv` query heads
-        // that share a KV head (consecutive, as HF's repeat_kv orders them) are stacked along
-        // the time axis and attend to that KV head in one matmul.
-        let group = h / kv;
-        let q = q.reshape((b, kv, group * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let scores = scores.reshape((b, h, t, s))?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = crate::ops::softmax_last_dim(&scores)?;
-        let out = probs.reshape((b, kv, group * t, s))?.matmul(&v)?;
-        let out = out.reshape((b, h, t, d))?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out.transpose(1, 2)?.reshape((b, t, h * d))?)
     }
 }
 
@@ -352,10 +344,10 @@ impl DecoderLayer {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        attend: Attend<'_>,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, attend, cache)?;
         let x = (x + attn)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
@@ -448,6 +440,65 @@ pub struct Llama {
     pub lm_head: Option<Linear>,
     rotary: Rotary,
     config: ModelConfig,
+    attention: AttentionKernel,
+}
+
+/// How training forwards compute causal attention. Forwards with a KV cache or padding masks
+/// always compose it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKernel {
+    /// [`crate::attention`]'s kernel on the CPU in f32 (no `[B, H, T, T]` tensors); composed
+    /// elsewhere.
+    #[default]
+    Fused,
+    /// candle ops: `q kᵀ`, bias, softmax, `p v`. The reference the fused kernel is tested against.
+    Composed,
+}
+
+impl AttentionKernel {
+    pub const ALL: [AttentionKernel; 2] = [AttentionKernel::Fused, AttentionKernel::Composed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKernel::Fused => "fused",
+            AttentionKernel::Composed => "composed",
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kernel| kernel.name() == s)
+            .ok_or_else(|| format!("unknown attention kernel `{s}` (expected `fused` or `composed`)"))
+    }
+}
+
+/// What the queries of one forward attend to.
+#[derive(Clone, Copy)]
+enum Attend<'a> {
+    /// Every cached key and itself: one new token needs no mask.
+    Everything,
+    /// An additive bias `[rows or 1, 1, T, S]`.
+    Bias(&'a Tensor),
+    /// Causal, within segments, over this forward's own tokens (no cache): the fused kernel.
+    Fused(&'a CausalMask),
+}
+
+impl Attend<'_> {
+    fn of(bias: Option<&Tensor>) -> Attend<'_> {
+        bias.map_or(Attend::Everything, Attend::Bias)
+    }
 }
 
 impl Llama {
@@ -472,7 +523,15 @@ impl Llama {
         } else {
             Some(Linear::load(&vb.pp("lm_head"), config.hidden_size, config.vocab_size, false)?)
         };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rotary: Rotary::new(config), config: config.clone() })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(config),
+            config: config.clone(),
+            attention: AttentionKernel::default(),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -596,7 +655,18 @@ impl Llama {
             lm_head: self.lm_head.as_ref().map(linear),
             rotary: self.rotary.clone(),
             config: self.config.clone(),
+            attention: self.attention,
         }
+    }
+
+    /// Chooses how training forwards compute causal attention (the fused kernel by default).
+    pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
+        self.attention = kernel;
+    }
+
+    /// Whether a forward of `dtype` on `device` without cache runs the fused attention kernel.
+    fn fused_attention(&self, dtype: DType, device: &Device) -> bool {
+        self.attention == AttentionKernel::Fused && device.is_cpu() && dtype == DType::F32
     }
 
     /// Names and shapes of every parameter, in HF naming, in a stable order; the tied output
@@ -734,10 +804,17 @@ impl Llama {
         let dtype = self.embed_tokens.embeddings().dtype();
         let device = input_ids.device();
         let (cos, sin) = self.rotary.angles(&packed.positions, dtype, device)?;
-        let mask = packed.attention_bias(dtype, device)?;
+        let mask = packed.mask();
+        let bias;
+        let attend = if self.fused_attention(dtype, device) {
+            Attend::Fused(&mask)
+        } else {
+            bias = mask.bias(b, t, dtype, device)?;
+            Attend::Bias(&bias)
+        };
         let mut x = self.embed_tokens.forward(input_ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, Some(&mask), None)?;
+            x = layer.forward(&x, &cos, &sin, attend, None)?;
         }
         self.norm.forward(&x)
     }
@@ -823,19 +900,23 @@ impl Llama {
             self.rotary.angles(if same_positions { &positions[..1] } else { &positions }, dtype, device)?;
 
         // Without padding one causal mask serves every row, and a single new token needs none.
+        // Without a cache either, the fused kernel needs no mask tensor at all.
         let any_padding = valid.iter().flatten().any(|real| !real);
-        let mask = if any_padding {
+        let fused = !any_padding && t > 1 && cache.is_none() && self.fused_attention(dtype, device);
+        let causal = CausalMask::causal();
+        let bias = if any_padding {
             Some(attention_bias(&valid, past, t, dtype, device)?)
-        } else if t > 1 {
+        } else if t > 1 && !fused {
             Some(attention_bias(&valid[..1], past, t, dtype, device)?)
         } else {
             None
         };
+        let attend = if fused { Attend::Fused(&causal) } else { Attend::of(bias.as_ref()) };
 
         let mut x = self.embed_tokens.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), layer_cache)?;
+            x = layer.forward(&x, &cos, &sin, attend, layer_cache)?;
         }
         let x = self.norm.forward(&x)?;
         let x = if last_only { x.narrow(1, t - 1, 1)?.squeeze(1)? } else { x };
@@ -862,28 +943,8 @@ pub struct PackedRows {
 impl PackedRows {
     pub const PADDING: u32 = u32::MAX;
 
-    /// `[rows, 1, T, T]`: 0 where a slot may attend, -inf elsewhere; a slot always sees itself,
-    /// so no softmax row is all -inf.
-    fn attention_bias(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        let t = self.segments.first().map_or(0, Vec::len);
-        let mut bias = Vec::with_capacity(self.segments.len() * t * t);
-        for row in &self.segments {
-            for (q, &query_segment) in row.iter().enumerate() {
-                bias.extend(row.iter().enumerate().map(|(k, &key_segment)| {
-                    let visible = k == q
-                        || (k < q
-                            && key_segment != Self::PADDING
-                            && query_segment != Self::PADDING
-                            && (key_segment == 0 || key_segment == query_segment));
-                    if visible {
-                        0f32
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                }));
-            }
-        }
-        Ok(Tensor::from_vec(bias, (self.segments.len(), 1, t, t), device)?.to_dtype(dtype)?)
+    fn mask(&self) -> CausalMask {
+        CausalMask::segmented(self.segments.concat())
     }
 }
 

@@ -16,7 +16,7 @@ type CResult<T> = candle_core::Result<T>;
 /// Rows below this many elements in total run on one thread: the fork costs more than the work.
 const PARALLEL_MIN: usize = 1 << 15;
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> CResult<&'a [f32]> {
+pub(crate) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> CResult<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     let (start, end) = layout
         .contiguous_offsets()
@@ -24,7 +24,7 @@ fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> CResult<&'a 
     Ok(&data[start..end])
 }
 
-fn fused(xs: &[&Tensor]) -> bool {
+pub(crate) fn fused(xs: &[&Tensor]) -> bool {
     xs.iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
 }
 

@@ -6,14 +6,17 @@
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use apprentice_model::AttentionKernel;
 
 use crate::data::Example;
 use crate::error::{Result, TrainError};
 use crate::trainer::{train, LoraSpec, TrainConfig, TrainingData};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainBench {
+    pub attention: AttentionKernel,
     pub batch: usize,
     pub seq_len: usize,
     pub lora_rank: usize,
@@ -47,6 +50,7 @@ pub fn train_throughput(
     seq_len: usize,
     lora_rank: usize,
     steps: usize,
+    attention: AttentionKernel,
 ) -> Result<TrainBench> {
     let device = candle_core::Device::Cpu;
     let loaded = apprentice_model::load(base, &device)?;
@@ -66,6 +70,7 @@ pub fn train_throughput(
         eval_every: 0,
         checkpoint_every: 0,
         progress: false,
+        attention,
         ..TrainConfig::default()
     };
     let out = std::env::temp_dir().join(format!("apprentice-bench-train-{}", std::process::id()));
@@ -95,6 +100,7 @@ pub fn train_throughput(
     let (tokens_per_s, s_per_step) =
         if timed > 0 { (tokens / seconds, seconds / timed as f64) } else { (outcome.tokens_per_s, f64::NAN) };
     Ok(TrainBench {
+        attention,
         batch,
         seq_len,
         lora_rank,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use apprentice_model::llama::LoraConfig;
-use apprentice_model::{Llama, LoadedModel, LoraState, PackedRows, LORA_TARGETS};
+use apprentice_model::{AttentionKernel, Llama, LoadedModel, LoraState, PackedRows, LORA_TARGETS};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -69,6 +69,8 @@ pub struct TrainConfig {
     /// Most examples packed behind one shared prefix (`data::share_prefixes`); 1 turns it off.
     /// Every trained token keeps exactly its own context, so only the compute changes.
     pub share_prefixes: usize,
+    /// How attention is computed: the fused kernel (no `[B, H, T, T]` tensors) or candle ops.
+    pub attention: AttentionKernel,
     pub epochs: usize,
     /// Overrides `epochs` when set.
     pub max_steps: Option<usize>,
@@ -99,6 +101,7 @@ impl Default for TrainConfig {
             max_batch: 8,
             max_len: 1024,
             share_prefixes: 4,
+            attention: AttentionKernel::default(),
             epochs: 1,
             max_steps: None,
             eval_every: 25,
@@ -199,7 +202,9 @@ pub fn prepare_reference(loaded: &LoadedModel, data: &TrainingData, config: &Tra
     }
     std::fs::create_dir_all(out).map_err(TrainError::io("creating", out))?;
     let data = packed(data, config);
-    Ok(reference_logprobs(&loaded.model, &data, config, out, false)?.len())
+    let mut model = loaded.model.detached();
+    model.set_attention_kernel(config.attention);
+    Ok(reference_logprobs(&model, &data, config, out, false)?.len())
 }
 
 /// Trains `loaded` on `data` with `config`, writing checkpoints, metrics and plots under `out`.
@@ -238,6 +243,7 @@ pub fn train(
         }
         None => (loaded.model, loaded.varmap, None),
     };
+    model.set_attention_kernel(config.attention);
     let mut named_vars: Vec<(String, Var)> =
         varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     named_vars.sort_by(|a, b| a.0.cmp(&b.0));

@@ -31,6 +31,10 @@ pub struct BenchTrainArgs {
     /// Python for the baseline (default: $APPRENTICE_PYTHON, else python3).
     #[arg(long)]
     python: Option<String>,
+    /// Our attention kernels to time, comma-separated: each gets a row (`fused,composed` compares
+    /// the fused kernel with candle ops; longer --seq-len shows the memory it saves).
+    #[arg(long, value_delimiter = ',', default_value = "fused")]
+    attention: Vec<apprentice_model::AttentionKernel>,
     /// Skip the PyTorch baseline.
     #[arg(long)]
     no_baseline: bool,
@@ -40,6 +44,28 @@ pub struct BenchTrainArgs {
 
 fn gib(bytes: Option<u64>) -> String {
     bytes.map_or("-".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+}
+
+/// Times one attention kernel in a child process of this binary, so that its peak memory is its
+/// own: freed memory stays in this process's heap, and a later row would report the earlier peak.
+fn kernel_in_own_process(
+    args: &BenchTrainArgs,
+    model: &std::path::Path,
+    kernel: apprentice_model::AttentionKernel,
+) -> Result<apprentice_train::bench::TrainBench> {
+    let json = tempfile::NamedTempFile::new().context("cannot create a file for the child's results")?;
+    let status = Command::new(std::env::current_exe().context("cannot find this executable")?)
+        .args(["bench", "train", "--no-baseline", "--model", &model.display().to_string()])
+        .args(["--batch", &args.batch.to_string(), "--seq-len", &args.seq_len.to_string()])
+        .args(["--lora-rank", &args.lora_rank.to_string(), "--steps", &args.steps.to_string()])
+        .args(["--attention", kernel.name(), "--json", &json.path().display().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run the {kernel} attention row"))?;
+    anyhow::ensure!(status.success(), "the {kernel} attention row failed: {status}");
+    let text = std::fs::read_to_string(json.path()).context("cannot read the child's results")?;
+    let report: serde_json::Value = serde_json::from_str(&text).context("the child's results are not JSON")?;
+    serde_json::from_value(report["apprentice"][0].clone()).context("the child's results have no `apprentice` row")
 }
 
 pub fn run(args: BenchTrainArgs) -> Result<()> {
@@ -90,16 +116,42 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             }
         }
     };
-    let ours = apprentice_train::bench::train_throughput(&model, args.batch, args.seq_len, args.lora_rank, args.steps)?;
+    let ours = match args.attention.as_slice() {
+        [attention] => vec![apprentice_train::bench::train_throughput(
+            &model,
+            args.batch,
+            args.seq_len,
+            args.lora_rank,
+            args.steps,
+            *attention,
+        )?],
+        kernels => kernels.iter().map(|&kernel| kernel_in_own_process(&args, &model, kernel)).collect::<Result<_>>()?,
+    };
+    let Some(first) = ours.first() else {
+        anyhow::bail!("--attention names no kernel");
+    };
 
     println!("{:<34} {:>10} {:>10} {:>12}", "trainer", "tokens/s", "s/step", "peak memory");
-    println!(
-        "{:<34} {:>10.1} {:>10.2} {:>12}",
-        "apprentice (candle, f32)",
-        ours.tokens_per_s,
-        ours.s_per_step,
-        gib(ours.peak_rss_bytes)
-    );
+    for row in &ours {
+        println!(
+            "{:<34} {:>10.1} {:>10.2} {:>12}",
+            format!("apprentice (candle, f32, {} attn)", row.attention),
+            row.tokens_per_s,
+            row.s_per_step,
+            gib(row.peak_rss_bytes)
+        );
+    }
+    if let Some(composed) = ours.iter().find(|r| r.attention == apprentice_model::AttentionKernel::Composed) {
+        for row in ours.iter().filter(|r| r.attention != composed.attention) {
+            println!(
+                "{} / composed attention: {:.2}× tokens/s, {} against {} peak memory",
+                row.attention,
+                row.tokens_per_s / composed.tokens_per_s,
+                gib(row.peak_rss_bytes),
+                gib(composed.peak_rss_bytes)
+            );
+        }
+    }
     let theirs = baseline["tokens_per_s"].as_f64();
     match theirs {
         Some(t) => {
@@ -115,7 +167,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
                 baseline["s_per_step"].as_f64().unwrap_or(f64::NAN),
                 gib(baseline["peak_rss_bytes"].as_u64())
             );
-            println!("ratio apprentice / PyTorch: {:.2}×", ours.tokens_per_s / t);
+            println!("ratio apprentice ({} attn) / PyTorch: {:.2}×", first.attention, first.tokens_per_s / t);
         }
         None => {
             println!("{:<34} {}", "PyTorch + transformers + peft", baseline["error"].as_str().unwrap_or("failed"));
@@ -129,7 +181,7 @@ pub fn run(args: BenchTrainArgs) -> Result<()> {
             "model": model.display().to_string(),
             "apprentice": ours,
             "pytorch": baseline,
-            "ratio": theirs.map(|t| ours.tokens_per_s / t),
+            "ratio": theirs.map(|t| first.tokens_per_s / t),
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

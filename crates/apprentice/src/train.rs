@@ -60,6 +60,10 @@ pub struct TrainArgs {
     /// with), each keeping exactly its own context; 1 turns it off.
     #[arg(long)]
     share_prefixes: Option<usize>,
+    /// Attention kernel: `fused` (no [batch, heads, T, T] tensors; the CPU default) or
+    /// `composed` (candle ops, the reference).
+    #[arg(long)]
+    attention: Option<apprentice_model::AttentionKernel>,
     #[arg(long)]
     eval_every: Option<usize>,
     #[arg(long)]
@@ -130,6 +134,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ($($field:ident),*) => { $( if let Some(v) = args.$field { config.$field = v; } )* };
     }
     set!(lr, epochs, grad_accum, token_budget, max_batch, max_len, share_prefixes, eval_every, checkpoint_every, seed);
+    set!(attention);
     if args.max_steps.is_some() {
         config.max_steps = args.max_steps;
     }
