@@ -279,12 +279,11 @@ impl Attention {
 
         let out = match attend {
             Attend::Fused(mask) => causal_attention(&q, &k, &v, mask)?,
-            Attend::Bias(_) | Attend::Everything => {
+            Attend::Composed(bias) => {
                 let (k, v) = match cache {
                     None => (k, v),
                     Some(cache) => cache.append(k, v)?,
                 };
-                let bias = if let Attend::Bias(bias) = attend { Some(bias) } else { None };
                 composed_attention(&q, &k, &v, bias)?
             }
         };
@@ -487,18 +486,11 @@ impl std::str::FromStr for AttentionKernel {
 /// What the queries of one forward attend to.
 #[derive(Clone, Copy)]
 enum Attend<'a> {
-    /// Every cached key and itself: one new token needs no mask.
-    Everything,
-    /// An additive bias `[rows or 1, 1, T, S]`.
-    Bias(&'a Tensor),
+    /// candle ops with an additive bias `[rows or 1, 1, T, S]`; none where every cached key is
+    /// visible (one new token).
+    Composed(Option<&'a Tensor>),
     /// Causal, within segments, over this forward's own tokens (no cache): the fused kernel.
     Fused(&'a CausalMask),
-}
-
-impl Attend<'_> {
-    fn of(bias: Option<&Tensor>) -> Attend<'_> {
-        bias.map_or(Attend::Everything, Attend::Bias)
-    }
 }
 
 impl Llama {
@@ -810,7 +802,7 @@ impl Llama {
             Attend::Fused(&mask)
         } else {
             bias = mask.bias(b, t, dtype, device)?;
-            Attend::Bias(&bias)
+            Attend::Composed(Some(&bias))
         };
         let mut x = self.embed_tokens.forward(input_ids)?;
         for layer in &self.layers {
@@ -911,7 +903,7 @@ impl Llama {
         } else {
             None
         };
-        let attend = if fused { Attend::Fused(&causal) } else { Attend::of(bias.as_ref()) };
+        let attend = if fused { Attend::Fused(&causal) } else { Attend::Composed(bias.as_ref()) };
 
         let mut x = self.embed_tokens.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
