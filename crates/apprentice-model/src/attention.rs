@@ -501,14 +501,8 @@ impl CustomOp3 for FusedAttentionGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..shape.iter().product()).map(|_| rng.gen_range(-2.0..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::ops::tests::{close, randn};
+    use candle_core::{Var, D};
 
     /// The composed attention the model runs elsewhere: KV heads repeated for their query heads,
     /// scores plus a -inf bias where the mask hides a key, softmax, then the values.
@@ -537,14 +531,6 @@ mod tests {
         let scores = (q.matmul(&repeat(k).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
         let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias).unwrap(), D::Minus1).unwrap();
         probs.matmul(&repeat(v).contiguous().unwrap()).unwrap()
-    }
-
-    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
-        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
-        let (a, b) =
-            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0f32, f32::max);
-        assert!(worst < tol, "{what}: largest relative difference {worst}");
     }
 
     /// Values, and the gradients of a random linear functional of the output with respect to q,

@@ -500,11 +500,11 @@ impl CustomOp1 for FrozenMatmul {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n = shape.iter().product();
@@ -512,7 +512,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+    pub(crate) fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
         assert_eq!(a.dims(), b.dims(), "{what}: shapes");
         let (a, b) =
             (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
